@@ -1,0 +1,1 @@
+"""DualForce-Mega: trainer, data pipeline, sampler and evaluation for DualForce."""

@@ -1,0 +1,207 @@
+"""Block-causal attention behind one interface.
+
+Every token carries a block id; a query sees a key iff ``key_block <= query_block`` (and, with a
+rolling window of W blocks, ``key_block > query_block - W`` unless the key is in a sink block).
+Tokens are sorted by block id in every stream, which the fused backend relies on.
+
+Backends
+  sdpa   dense boolean mask through ``F.scaled_dot_product_attention`` — the reference.
+  flex   FlexAttention with a ``BlockMask`` built once per mask layout (cached).
+  flash  per-query-block prefix attention: each query block attends, unmasked, to the contiguous
+         key range it may see, through flash-attn when installed, else torch's fused SDPA kernels.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+# Block id given to padding tokens: larger than any real block, so no real query ever sees them.
+PAD_BLOCK = 1 << 30
+BACKENDS = ("sdpa", "flex", "flash")
+
+
+@dataclass
+class MaskSpec:
+    """Which keys each query may see. ``q_blocks`` [Lq] and ``k_blocks`` [Lk] are sorted int64."""
+    q_blocks: torch.Tensor
+    k_blocks: torch.Tensor
+    window: int = 0          # 0 = unbounded history
+    sink: int = 1            # blocks [0, sink) stay visible under a window
+    key: tuple = field(default=())  # hashable description of the layout, for mask caches
+
+    def allowed(self) -> torch.Tensor:
+        """Dense boolean [Lq, Lk] mask (the reference definition)."""
+        q = self.q_blocks[:, None]
+        k = self.k_blocks[None, :]
+        ok = k <= q
+        if self.window > 0:
+            ok = ok & ((k > q - self.window) | (k < self.sink))
+        return ok
+
+    def with_prefix_keys(self, prefix_blocks: torch.Tensor, tag: tuple) -> "MaskSpec":
+        """The same queries over ``[cached keys, current keys]`` (KV-cache inference)."""
+        return MaskSpec(self.q_blocks, torch.cat([prefix_blocks, self.k_blocks]), self.window,
+                        self.sink, self.key + tag)
+
+
+# --------------------------------------------------------------------------------------
+# optional kernels
+# --------------------------------------------------------------------------------------
+@lru_cache(maxsize=1)
+def _flash_attn_func() -> Optional[Callable]:
+    try:
+        from flash_attn import flash_attn_func  # type: ignore
+        return flash_attn_func
+    except Exception:  # not installed, or built for another CUDA
+        return None
+
+
+@lru_cache(maxsize=1)
+def _flex() -> Optional[tuple]:
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except Exception:
+        return None
+    compiled = torch.compile(flex_attention, dynamic=False) if torch.cuda.is_available() else flex_attention
+    return compiled, create_block_mask
+
+
+_logged: set = set()
+
+
+def _log_once(msg: str) -> None:
+    if msg not in _logged:
+        _logged.add(msg)
+        log.info(msg)
+
+
+def resolve_backend(requested: str, device: torch.device, needs_grad: bool) -> str:
+    """``auto``: sdpa on CPU (FlexAttention has no CPU backward); flex on CUDA, else flash."""
+    if requested != "auto":
+        if requested == "flex" and _flex() is None:
+            raise RuntimeError("model.attn_backend=flex: torch.nn.attention.flex_attention is unavailable")
+        return requested
+    if device.type != "cuda":
+        choice = "sdpa"
+    elif _flex() is not None:
+        choice = "flex"
+    else:
+        choice = "flash"
+    _log_once(f"attention backend: {choice} (auto on {device.type}, grad={needs_grad})")
+    return choice
+
+
+# --------------------------------------------------------------------------------------
+# backends; all take q/k/v as [B, L, H, D] and return [B, Lq, H, D]
+# --------------------------------------------------------------------------------------
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor] = None
+          ) -> torch.Tensor:
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=mask)
+    return out.transpose(1, 2)
+
+
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Unmasked attention through the fastest available fused kernel."""
+    fa = _flash_attn_func()
+    if fa is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        return fa(q, k, v, causal=False)
+    return _sdpa(q, k, v)
+
+
+def sdpa_block_attention(q, k, v, spec: MaskSpec) -> torch.Tensor:
+    return _sdpa(q, k, v, spec.allowed().to(q.device))
+
+
+_FLEX_MASKS: dict = {}
+
+
+def flex_block_attention(q, k, v, spec: MaskSpec) -> torch.Tensor:
+    flex_attention, create_block_mask = _flex()
+    cache_key = (spec.key, q.shape[1], k.shape[1], spec.window, spec.sink, str(q.device)) if spec.key else None
+    block_mask = _FLEX_MASKS.get(cache_key) if cache_key else None
+    if block_mask is None:
+        qb = spec.q_blocks.to(q.device)
+        kb = spec.k_blocks.to(q.device)
+        window, sink = spec.window, spec.sink
+
+        def mask_mod(b, h, qi, ki):
+            ok = kb[ki] <= qb[qi]
+            if window > 0:
+                ok = ok & ((kb[ki] > qb[qi] - window) | (kb[ki] < sink))
+            return ok
+
+        block_mask = create_block_mask(mask_mod, None, None, q.shape[1], k.shape[1], device=q.device)
+        if cache_key:
+            if len(_FLEX_MASKS) > 64:
+                _FLEX_MASKS.clear()
+            _FLEX_MASKS[cache_key] = block_mask
+    out = flex_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask)
+    return out.transpose(1, 2)
+
+
+_PREFIX_PLANS: dict = {}
+
+
+def prefix_plan(spec: MaskSpec) -> list[tuple[int, int, list[tuple[int, int]]]]:
+    """For each run of equal query blocks: (q_start, q_end, key ranges it sees).
+
+    Valid because both id sequences are sorted: the keys a block sees form at most two
+    contiguous ranges (the sink and the window).
+    """
+    cache_key = (spec.key, spec.q_blocks.numel(), spec.k_blocks.numel(), spec.window, spec.sink) \
+        if spec.key else None
+    if cache_key in _PREFIX_PLANS:
+        return _PREFIX_PLANS[cache_key]
+    qb = spec.q_blocks.cpu()
+    kb = spec.k_blocks.cpu()
+    if qb.numel() > 1 and bool((qb[1:] < qb[:-1]).any()) or kb.numel() > 1 and bool((kb[1:] < kb[:-1]).any()):
+        raise ValueError("flash backend: block ids must be sorted (non-decreasing)")
+    blocks, counts = torch.unique_consecutive(qb, return_counts=True)
+    plan = []
+    start = 0
+    sink_end = int(torch.searchsorted(kb, torch.tensor(spec.sink), right=False)) if spec.window else 0
+    for b, c in zip(blocks.tolist(), counts.tolist()):
+        hi = int(torch.searchsorted(kb, torch.tensor(b), right=True))
+        ranges = [(0, hi)]
+        if spec.window > 0:
+            lo = int(torch.searchsorted(kb, torch.tensor(b - spec.window + 1), right=False))
+            if lo > sink_end:
+                ranges = [(0, sink_end), (lo, hi)] if sink_end > 0 else [(lo, hi)]
+        plan.append((start, start + c, [r for r in ranges if r[1] > r[0]]))
+        start += c
+    if cache_key:
+        if len(_PREFIX_PLANS) > 256:
+            _PREFIX_PLANS.clear()
+        _PREFIX_PLANS[cache_key] = plan
+    return plan
+
+
+def flash_block_attention(q, k, v, spec: MaskSpec) -> torch.Tensor:
+    outs = []
+    for qs, qe, ranges in prefix_plan(spec):
+        if len(ranges) == 1:
+            ks, ke = ranges[0]
+            kk, vv = k[:, ks:ke], v[:, ks:ke]
+        else:
+            kk = torch.cat([k[:, s:e] for s, e in ranges], dim=1)
+            vv = torch.cat([v[:, s:e] for s, e in ranges], dim=1)
+        outs.append(dense_attention(q[:, qs:qe], kk, vv))
+    return torch.cat(outs, dim=1)
+
+
+_IMPL = {"sdpa": sdpa_block_attention, "flex": flex_block_attention, "flash": flash_block_attention}
+
+
+def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: MaskSpec,
+                    backend: str = "auto") -> torch.Tensor:
+    """Block-causal attention, q/k/v [B, L, H, D] -> [B, Lq, H, D]."""
+    name = resolve_backend(backend, q.device, q.requires_grad or k.requires_grad)
+    return _IMPL[name](q, k, v, spec)

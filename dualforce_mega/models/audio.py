@@ -1,0 +1,82 @@
+"""Audio conditioning: a projector and tanh-gated, frame-local cross-attention.
+
+Audio features arrive at ``audio_rate`` Hz (50 for HuBERT / wav2vec2), ``audio_rate / fps`` frames
+per video frame. Each query group (a latent frame in the video tower, a video frame in the struct
+tower) attends only to the audio of its own time span widened by ``audio_context`` video frames
+on each side, so a frame never sees audio beyond that window.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from ..config import ModelConfig
+from .blocks import Attention
+from .layers import FP32LayerNorm, TokenGroups
+
+
+class AudioProjector(nn.Sequential):
+    def __init__(self, audio_dim: int, dim: int, eps: float):
+        super().__init__(nn.Linear(audio_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim),
+                         FP32LayerNorm(dim, eps=eps))
+
+
+@dataclass
+class AudioContext:
+    """Projected audio [B, A, dim] and, for each query group, its window of audio frames."""
+    feats: torch.Tensor
+    index: torch.Tensor   # [G, Wa] audio frame per window slot (clamped into range)
+    valid: torch.Tensor   # [G, Wa] slot inside the window and inside the clip
+    groups: TokenGroups   # query token -> group
+
+
+def audio_windows(spans: torch.Tensor, ratio: int, context: int, num_audio: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """spans [G, 2] inclusive video-frame ranges -> (index [G, Wa], valid [G, Wa])."""
+    starts = (spans[:, 0] - context) * ratio
+    ends = (spans[:, 1] + 1 + context) * ratio
+    width = int((ends - starts).max())
+    idx = starts[:, None] + torch.arange(width, device=spans.device)[None, :]
+    valid = (idx < ends[:, None]) & (idx >= 0) & (idx < num_audio)
+    return idx.clamp(0, max(num_audio - 1, 0)), valid
+
+
+class AudioCrossAttention(nn.Module):
+    """x + tanh(gate) * CrossAttn(norm(x), audio window); gate = 0 at init, so audio starts inert."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm = FP32LayerNorm(cfg.dim, eps=cfg.eps)
+        self.attn = Attention(cfg.dim, cfg.heads, cfg.qk_norm, cfg.eps)
+        self.gate = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor, audio: AudioContext) -> torch.Tensor:
+        q = self.attn.project_q(self.norm(x))                    # [B, L, H, D]
+        k, v = self.attn.project_kv(audio.feats)                 # [B, A, H, D]
+        idx = audio.index.to(x.device)
+        valid = audio.valid.to(x.device)
+        any_valid = valid.any(-1)                                # [G]
+        # a group with no audio in range attends nothing: unmask it to avoid NaN, zero it below
+        valid = valid | ~any_valid[:, None]
+        kw, vw = k[:, idx], v[:, idx]                            # [B, G, Wa, H, D]
+        b, l, h, d = q.shape
+        g, wa = idx.shape
+        groups = audio.groups
+        if groups.per_group is not None and l == g * groups.per_group:
+            qg = q.reshape(b * g, groups.per_group, h, d)
+            kg, vg = kw.reshape(b * g, wa, h, d), vw.reshape(b * g, wa, h, d)
+            mask = valid[None, :, None, None, :].expand(b, g, 1, 1, wa).reshape(b * g, 1, 1, wa)
+            keep = any_valid[None, :, None].expand(b, g, groups.per_group).reshape(b, l)
+        else:  # non-uniform groups: one window per token
+            tok = groups.group.to(x.device)
+            qg = q.reshape(b * l, 1, h, d)
+            kg, vg = kw[:, tok].reshape(b * l, wa, h, d), vw[:, tok].reshape(b * l, wa, h, d)
+            mask = valid[tok][None].expand(b, l, wa).reshape(b * l, 1, 1, wa)
+            keep = any_valid[tok][None].expand(b, l)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            qg.transpose(1, 2), kg.transpose(1, 2), vg.transpose(1, 2), attn_mask=mask)
+        out = out.transpose(1, 2).reshape(b, l, h * d) * keep.unsqueeze(-1).to(q.dtype)
+        y = self.attn.o(out)
+        return (x.float() + torch.tanh(self.gate.float()) * y.float()).to(x.dtype)

@@ -1,0 +1,139 @@
+"""DualForce: video DiT + struct DiT, shallow cross-attention bridge, gated audio conditioning.
+
+One forward serves Phase 2 (video only), Phase 4 (both towers), training (all frames, no cache),
+KV-cache inference (a chunk of frames at absolute ``frame_ids``) and the sliding-window reference
+(``window_blocks``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from ..config import ModelConfig, validate_model
+from .audio import AudioContext
+from .blocks import Attention
+from .bridge import BridgeLayer
+from .heads import AuxHeads
+from .kv_cache import KVCache
+from .layout import Layout, StreamLayout, audio_window_index, build_layout
+from .struct_dit import StructDiT
+from .video_dit import VideoDiT
+
+
+@dataclass
+class DualForceOutput:
+    video: torch.Tensor                       # [B, C, F, H, W] predicted velocity
+    struct: Optional[torch.Tensor] = None     # [B, N, motion_dim] predicted velocity
+    flame: Optional[torch.Tensor] = None      # [B, N, flame_dim] from the struct x0 estimate
+    lip_struct: Optional[torch.Tensor] = None  # [B, F, lipsync_dim] per latent frame
+    lip_audio: Optional[torch.Tensor] = None   # [B, F, lipsync_dim] per latent frame
+
+
+class DualForceModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        validate_model(cfg)
+        self.cfg = cfg
+        self.video = VideoDiT(cfg)
+        self.struct = StructDiT(cfg) if cfg.struct_tower else None
+        self.bridge = nn.ModuleList(BridgeLayer(cfg) for _ in range(cfg.fusion_depth)) if cfg.struct_tower \
+            else nn.ModuleList()
+        self.aux = AuxHeads(cfg) if cfg.struct_tower else None
+        self.gradient_checkpointing = False
+        self.reset_parameters()
+        for name, m in self.named_modules():
+            if isinstance(m, Attention):
+                m.cache_name = name
+
+    def reset_parameters(self) -> None:
+        self.video.init_weights()
+        if self.struct is not None:
+            self.struct.init_weights()
+        for layer in self.bridge:
+            layer.zero_init()
+
+    # ------------------------------------------------------------------------------------
+    def forward(self, video_latent: torch.Tensor, sigma_video: torch.Tensor,
+                struct: Optional[torch.Tensor] = None, sigma_struct: Optional[torch.Tensor] = None,
+                kp_canonical: Optional[torch.Tensor] = None, audio: Optional[torch.Tensor] = None,
+                text_emb: Optional[torch.Tensor] = None, frame_ids: Optional[torch.Tensor] = None,
+                window_blocks: int = 0, cache: Optional[KVCache] = None,
+                return_aux: bool = False) -> DualForceOutput:
+        """
+        video_latent [B, C, F, H, W] noisy latents; sigma_video [B, F] per latent frame.
+        struct [B, N, 70] noisy motion, N = video frames of the F latent frames; sigma_struct [B, F].
+        audio [B, A, D_a] features of the whole clip from video frame 0 (absolute time).
+        frame_ids [F] absolute latent-frame indices (default 0..F-1), on CPU.
+        """
+        cfg = self.cfg
+        b, _, f = video_latent.shape[:3]
+        if sigma_video.shape != (b, f):
+            raise ValueError(f"sigma_video: shape {tuple(sigma_video.shape)} != (batch, frames) = {(b, f)}")
+        if frame_ids is None:
+            frame_ids = torch.arange(f)
+        if cache is not None and window_blocks and cache.window != window_blocks:
+            raise ValueError(f"window_blocks={window_blocks} differs from the cache's window {cache.window}")
+        window = cache.window if cache is not None else window_blocks
+        use_struct = self.struct is not None and struct is not None
+        xv, grid = self.video.embed(video_latent)
+        layout = build_layout(cfg, frame_ids.cpu(), grid[1:], use_struct, window, xv.device)
+        e_v, e0_v = self.video.modulation(sigma_video)
+        text = self.video.text_embedding(text_emb.to(xv.dtype)) \
+            if text_emb is not None and self.video.text_embedding is not None else None
+        audio_v = self._audio_context(self.video, layout.video, audio)
+        spec_vv = layout.spec("video", "video")
+
+        xs = e_s = audio_s = None
+        if use_struct:
+            n = layout.struct.blocks.numel()
+            if struct.shape[:2] != (b, n):
+                raise ValueError(f"struct: shape {tuple(struct.shape)} needs (batch, video frames) = {(b, n)} "
+                                 f"for latent frames {frame_ids.tolist()}")
+            sigma_struct = sigma_video if sigma_struct is None else sigma_struct
+            kp = self.struct.keypoint_condition(kp_canonical) if kp_canonical is not None else None
+            xs = self.struct.embed(struct)
+            e_s, e0_s = self.struct.modulation(sigma_struct, kp)
+            audio_s = self._audio_context(self.struct, layout.struct, audio)
+            specs = (layout.spec("struct", "struct"), layout.spec("video", "struct"), layout.spec("struct", "video"))
+
+        for i in range(cfg.layers):
+            def layer(xv_, xs_, i=i):
+                xv_ = self.video.blocks[i](xv_, e0_v, layout.video.groups, layout.video.angles, spec_vv,
+                                           text, audio_v, cache)
+                if xs_ is not None:
+                    xs_ = self.struct.blocks[i](xs_, e0_s, layout.struct.groups, layout.struct.angles, specs[0],
+                                                None, audio_s, cache)
+                    if i < len(self.bridge):
+                        xv_, xs_ = self.bridge[i](xv_, xs_, layout.video.bridge_angles,
+                                                  layout.struct.bridge_angles, specs[1], specs[2], cache)
+                return xv_, xs_
+
+            if self.gradient_checkpointing and self.training and cache is None:
+                xv, xs = checkpoint(layer, xv, xs, use_reentrant=False)
+            else:
+                xv, xs = layer(xv, xs)
+
+        out = DualForceOutput(video=self.video.unembed(self.video.head(xv, e_v, layout.video.groups), grid))
+        if use_struct:
+            out.struct = self.struct.head(xs, e_s, layout.struct.groups)
+            if return_aux:
+                self.aux.fill(out, struct, sigma_struct, layout, audio)
+        return out
+
+    def _audio_context(self, tower, stream: StreamLayout, audio: Optional[torch.Tensor]
+                       ) -> Optional[AudioContext]:
+        if audio is None or tower.audio_projector is None:
+            return None
+        if audio.shape[-1] != self.cfg.audio_dim:
+            raise ValueError(f"audio: feature dim {audio.shape[-1]} != model.audio_dim={self.cfg.audio_dim}")
+        feats = tower.audio_projector(audio.to(tower.audio_projector[0].weight.dtype))
+        index, valid = audio_window_index(self.cfg, stream, audio.shape[1])
+        return AudioContext(feats, index, valid, stream.audio_groups)
+
+    def layout(self, frame_ids: torch.Tensor, grid_hw: tuple[int, int], with_struct: bool,
+               window_blocks: int = 0) -> Layout:
+        return build_layout(self.cfg, frame_ids, grid_hw, with_struct, window_blocks, torch.device("cpu"))

@@ -1,0 +1,101 @@
+"""Token layout of a forward pass: block ids, per-frame groups, RoPE angles, masks, audio windows.
+
+Everything here is derived from the absolute latent-frame indices of the input and the config,
+so training (frames 0..F-1), KV-cache chunks (frames t0..t0+c-1) and the sliding-window
+reference all share one definition.
+
+Time alignment: latent frame 0 holds video frame 0; latent frame t >= 1 holds video frames
+``s*t - s + 1 .. s*t`` (s = VAE temporal stride, 4). The struct stream has one token per video
+frame; its block id is the block of the latent frame holding that video frame.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ..config import ModelConfig
+from .attention import MaskSpec
+from .audio import audio_windows
+from .layers import TokenGroups
+from .rope import rope_angles, video_axis_dims, video_positions
+
+
+def latent_frame_spans(frame_ids: torch.Tensor, stride: int) -> torch.Tensor:
+    """Inclusive video-frame span [F, 2] of each latent frame."""
+    end = frame_ids * stride
+    start = torch.where(frame_ids == 0, torch.zeros_like(end), end - stride + 1)
+    return torch.stack([start, end], dim=-1)
+
+
+def num_video_frames(num_latent: int, stride: int) -> int:
+    return 1 + stride * (num_latent - 1) if num_latent > 0 else 0
+
+
+@dataclass
+class StreamLayout:
+    blocks: torch.Tensor          # [L] block id per token
+    groups: TokenGroups           # token -> latent frame (sigma / modulation)
+    angles: torch.Tensor          # [L, head_dim/2] self-attention RoPE
+    bridge_angles: torch.Tensor   # [L, head_dim/2] 1D RoPE over latent-frame time (bridge)
+    audio_spans: torch.Tensor     # [G_audio, 2] video-frame span per audio group
+    audio_groups: TokenGroups     # token -> audio group
+    key: tuple                    # hashable description (mask caches)
+
+
+@dataclass
+class Layout:
+    frame_ids: torch.Tensor
+    video: StreamLayout
+    struct: Optional[StreamLayout]
+    window: int
+    sink: int
+
+    def spec(self, q: str, k: str) -> MaskSpec:
+        qs, ks = getattr(self, q), getattr(self, k)
+        return MaskSpec(qs.blocks, ks.blocks, self.window, self.sink, key=(q, k) + qs.key + ks.key)
+
+
+def build_layout(cfg: ModelConfig, frame_ids: torch.Tensor, grid_hw: tuple[int, int], with_struct: bool,
+                 window_blocks: int, device: torch.device) -> Layout:
+    ids = frame_ids.to(device=device, dtype=torch.long)
+    f = ids.numel()
+    h, w = grid_hw
+    hw = h * w
+    cbs = cfg.causal_block_size
+    hd = cfg.head_dim
+    latent_block = ids // cbs
+    spans = latent_frame_spans(ids, cfg.vae_temporal_stride)
+    id_key = tuple(frame_ids.tolist())
+
+    video = StreamLayout(
+        blocks=latent_block.repeat_interleave(hw),
+        groups=TokenGroups.uniform(f, hw, device),
+        angles=rope_angles(video_positions(ids, h, w), video_axis_dims(hd), cfg.rope_theta),
+        bridge_angles=rope_angles(ids.repeat_interleave(hw), (hd,), cfg.rope_theta),
+        audio_spans=spans,
+        audio_groups=TokenGroups.uniform(f, hw, device),
+        key=("v", id_key, hw, cbs),
+    )
+    struct = None
+    if with_struct:
+        counts = spans[:, 1] - spans[:, 0] + 1
+        frame_of_token = torch.arange(f, device=device).repeat_interleave(counts)
+        vframe = torch.cat([torch.arange(int(s), int(e) + 1, device=device) for s, e in spans.tolist()])
+        n = vframe.numel()
+        struct = StreamLayout(
+            blocks=latent_block[frame_of_token],
+            groups=TokenGroups(frame_of_token, f, None),
+            angles=rope_angles(vframe, (hd,), cfg.rope_theta),
+            bridge_angles=rope_angles(ids[frame_of_token], (hd,), cfg.rope_theta),
+            audio_spans=torch.stack([vframe, vframe], dim=-1),
+            audio_groups=TokenGroups.uniform(n, 1, device),
+            key=("s", id_key, cbs),
+        )
+    return Layout(ids, video, struct, window_blocks, sink=1)
+
+
+def audio_window_index(cfg: ModelConfig, stream: StreamLayout, num_audio: int
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    return audio_windows(stream.audio_spans, cfg.audio_rate // cfg.fps, cfg.audio_context, num_audio)
