@@ -49,6 +49,12 @@ class DualForceModel(nn.Module):
             if isinstance(m, Attention):
                 m.cache_name = name
 
+    def set_attention_backend(self, backend: str) -> None:
+        """Switch every block-causal attention layer to ``backend`` (auto | sdpa | flex | flash)."""
+        for m in self.modules():
+            if isinstance(m, Attention):
+                m.backend = backend
+
     def reset_parameters(self) -> None:
         self.video.init_weights()
         if self.struct is not None:

@@ -1,0 +1,47 @@
+"""Tiny random inputs for model tests (shapes follow docs/INTERFACES.md)."""
+from __future__ import annotations
+
+import torch
+
+from dualforce_mega.config import ModelConfig, model_preset
+from dualforce_mega.models import DualForceModel
+from dualforce_mega.models.layout import num_video_frames
+
+
+def tiny_model(seed: int = 0, **overrides) -> DualForceModel:
+    torch.manual_seed(seed)
+    return DualForceModel(model_preset("tiny", **overrides))
+
+
+def randomize_heads(model: DualForceModel, seed: int = 1, scale: float = 0.05) -> None:
+    """Give the zero-initialised output heads and bridge outputs random weights, as a trained
+    model would have, so that every input path reaches the outputs."""
+    g = torch.Generator().manual_seed(seed)
+    towers = [model.video] + ([model.struct] if model.struct is not None else [])
+    params = [t.head.head.weight for t in towers]
+    for layer in model.bridge:
+        params += [layer.s2v.o.weight] + ([layer.v2s.o.weight] if layer.v2s is not None else [])
+    with torch.no_grad():
+        for p in params:
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+def random_inputs(cfg: ModelConfig, batch: int = 2, frames: int = 4, hw: tuple = (4, 6), seed: int = 0,
+                  struct: bool = True) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    n = num_video_frames(frames, cfg.vae_temporal_stride)
+    a = n * cfg.audio_rate // cfg.fps
+    inputs = dict(
+        video_latent=torch.randn(batch, cfg.in_channels, frames, *hw, generator=g),
+        sigma_video=torch.rand(batch, frames, generator=g),
+    )
+    if struct:
+        inputs.update(
+            struct=torch.randn(batch, n, cfg.motion_dim, generator=g),
+            sigma_struct=torch.rand(batch, frames, generator=g),
+            kp_canonical=torch.randn(batch, cfg.kp_dim, generator=g),
+            audio=torch.randn(batch, a, cfg.audio_dim, generator=g),
+        )
+        if cfg.text_dim:
+            inputs["text_emb"] = torch.randn(batch, 5, cfg.text_dim, generator=g)
+    return inputs
