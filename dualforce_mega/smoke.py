@@ -1,0 +1,169 @@
+"""Forward + backward smoke run of the full DualForce model on a random batch.
+
+    python -m dualforce_mega.smoke [--preset tiny] [--steps 1] [--set model.key=value ...]
+
+Builds the model from the config (both towers, bridge, audio, text when ``model.text_dim`` > 0),
+draws one random batch in the shapes of docs/INTERFACES.md, and runs optimizer steps with a loss
+that touches every output: flow-matching velocity MSE on both streams, FLAME MSE and a per-frame
+audio/struct contrastive term on the aux heads. It checks the model end to end; the training
+objective with its weights and sigma sampling is the trainer's, not this. It fails (non-zero exit) if a loss or gradient is not finite or if a
+trainable parameter receives no gradient. ``run.sh`` falls back to this when the launch script is
+absent; it needs no data and no weights.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+import time
+from typing import Optional
+
+import torch
+
+from .config import Config, ConfigError, load_config
+from .diffusion.flow import add_noise, velocity_target
+from .summary import count_parameters
+
+log = logging.getLogger("dualforce_mega.smoke")
+
+
+def random_batch(cfg: Config, batch: int, frames: int, height: int, width: int, text_tokens: int,
+                 generator: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
+    """Clean data in the batch layout of docs/INTERFACES.md (``frames`` latent frames)."""
+    m = cfg.model
+    n = 1 + m.vae_temporal_stride * (frames - 1)          # video frames covered by the latent frames
+    per_video_frame = m.audio_rate // m.fps
+
+    def rnd(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator).to(device)
+
+    out = {"video_latent": rnd(batch, m.in_channels, frames, height, width), "struct": rnd(batch, n, m.motion_dim),
+           "kp_canonical": rnd(batch, m.kp_dim), "audio": rnd(batch, n * per_video_frame, m.audio_dim),
+           "flame": rnd(batch, n, m.flame_dim)}
+    if m.text_dim > 0:
+        out["text_emb"] = rnd(batch, text_tokens, m.text_dim)
+    return out
+
+
+def _velocity_mse(pred: torch.Tensor, target: torch.Tensor, frame_weight: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over the frames with weight 1 (frame axis is dim 1 of frame_weight's layout)."""
+    err = (pred.float() - target.float()).pow(2)
+    return (err * frame_weight).sum() / (frame_weight.expand_as(err).sum()).clamp_min(1.0)
+
+
+def _frame_contrastive(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of matching frame t of ``a`` [B, F, D] with frame t of ``b`` among all B*F frames."""
+    a = torch.nn.functional.normalize(a.flatten(0, 1).float(), dim=-1)
+    b = torch.nn.functional.normalize(b.flatten(0, 1).float(), dim=-1)
+    logits = a @ b.t()
+    return torch.nn.functional.cross_entropy(logits, torch.arange(logits.shape[0], device=logits.device))
+
+
+def smoke_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: dict[str, torch.Tensor],
+               generator: torch.Generator) -> dict[str, float]:
+    """One Diffusion-Forcing style step: per-frame sigma (frame 0 clean), velocity MSE, backward, step."""
+    m = model.cfg
+    x0v, x0s = data["video_latent"], data["struct"]
+    b, _, f = x0v.shape[:3]
+    dev = x0v.device
+    sigma = torch.rand(b, f, generator=generator).to(dev)
+    sigma[:, 0] = 0.0                                      # the reference frame is clean and not scored
+    eps_v = torch.randn(x0v.shape, generator=generator).to(dev)
+    eps_s = torch.randn(x0s.shape, generator=generator).to(dev)
+    sig_v = sigma[:, None, :, None, None]
+    # struct token j belongs to latent frame 0 (j = 0) or 1 + (j - 1) // stride
+    tok = torch.arange(x0s.shape[1], device=dev)
+    frame_of_tok = torch.where(tok == 0, 0, 1 + (tok - 1) // m.vae_temporal_stride)
+    sig_s = sigma[:, frame_of_tok, None]
+    out = model(add_noise(x0v, eps_v, sig_v), sigma, struct=add_noise(x0s, eps_s, sig_s), sigma_struct=sigma,
+                kp_canonical=data["kp_canonical"], audio=data["audio"], text_emb=data.get("text_emb"),
+                return_aux=True)
+    scored_v = (sig_v > 0).float()
+    scored_s = (sig_s > 0).float()
+    loss_video = _velocity_mse(out.video, velocity_target(x0v, eps_v), scored_v)
+    loss = loss_video
+    metrics = {"loss_video": loss_video.item()}
+    if out.struct is not None:
+        loss_struct = _velocity_mse(out.struct, velocity_target(x0s, eps_s), scored_s)
+        loss = loss + loss_struct
+        metrics["loss_struct"] = loss_struct.item()
+        loss_flame = (out.flame.float() - data["flame"].float()).pow(2).mean()
+        loss_lipsync = _frame_contrastive(out.lip_struct, out.lip_audio)
+        loss = loss + loss_flame + loss_lipsync
+        metrics.update(loss_flame=loss_flame.item(), loss_lipsync=loss_lipsync.item())
+    metrics["loss"] = loss.item()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_sq = 0.0
+    missing = []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.grad is None:
+            missing.append(name)
+            continue
+        grad_sq += p.grad.float().pow(2).sum().item()
+    if missing:
+        raise RuntimeError(f"{len(missing)} trainable parameters got no gradient, e.g. {missing[:5]}")
+    metrics["grad_norm"] = math.sqrt(grad_sq)
+    if not all(math.isfinite(v) for v in metrics.values()):
+        raise RuntimeError(f"non-finite loss or gradient: {metrics}")
+    optimizer.step()
+    return metrics
+
+
+def run(cfg: Config, steps: int, batch: int, frames: int, height: int, width: int, text_tokens: int,
+        device: torch.device) -> list[dict[str, float]]:
+    from .models import DualForceModel
+
+    torch.manual_seed(cfg.train.seed)
+    model = DualForceModel(cfg.model).to(device)
+    model.train()
+    counts = count_parameters(model.named_parameters())
+    log.info("model preset=%s on %s: %s trainable parameters (%s)", cfg.model.preset, device,
+             f"{counts['total_trainable']:,}", ", ".join(f"{k}={v:,}" for k, v in counts.items()
+                                                        if k != "total_trainable"))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.betas),
+                                  eps=cfg.train.adam_eps, weight_decay=cfg.train.weight_decay)
+    gen = torch.Generator().manual_seed(cfg.train.seed)
+    data = random_batch(cfg, batch, frames, height, width, text_tokens, gen, device)
+    history = []
+    for step in range(steps):
+        t0 = time.perf_counter()
+        metrics = smoke_step(model, optimizer, data, gen)
+        metrics["step_s"] = time.perf_counter() - t0
+        history.append(metrics)
+        log.info("step %d/%d: %s", step + 1, steps, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+    return history
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dualforce_mega.smoke", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default=None, help="optional YAML config")
+    parser.add_argument("--preset", default=None, help="model preset (default: the config's, else tiny)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    parser.add_argument("--steps", type=int, default=1, help="optimizer steps on the same batch")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--frames", type=int, default=3, help="latent frames (frame 0 is the clean reference)")
+    parser.add_argument("--height", type=int, default=None, help="latent height (default: data.latent_height)")
+    parser.add_argument("--width", type=int, default=None, help="latent width (default: data.latent_width)")
+    parser.add_argument("--text-tokens", type=int, default=4)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    preset = [f"model.preset={args.preset}"] if args.preset else []
+    try:
+        cfg = load_config(args.config, preset + args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.steps < 1 or args.batch < 1 or args.frames < 2:
+        parser.error("--steps and --batch must be >= 1 and --frames >= 2 (reference frame + one noisy frame)")
+    run(cfg, args.steps, args.batch, args.frames, args.height or cfg.data.latent_height,
+        args.width or cfg.data.latent_width, args.text_tokens, torch.device(args.device))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
