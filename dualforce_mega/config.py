@@ -123,6 +123,7 @@ class TrainConfig:
     activation_checkpointing: bool = False
     fp8: bool = False
     fp8_recipe: str = "delayed"           # delayed | current
+    fp8_backend: str = "auto"             # auto (TE if importable, else torchao) | te | torchao
     ema_decay: float = 0.0                # 0 = no EMA
 
 
