@@ -295,18 +295,33 @@ def build_config(yaml_dict: Optional[dict] = None, overrides: Optional[list[str]
     return cfg
 
 
+def _read_yaml(path: Path, seen: tuple = ()) -> dict:
+    """Read a config file; a top-level ``base: other.yaml`` (relative to this file) is loaded first
+    and this file's sections are merged over it key by key (ablations = base + a few keys)."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: base: circular include")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    merged = _read_yaml(path.parent / str(base), seen + (path.resolve(),))
+    for section, body in data.items():
+        if isinstance(body, dict) and isinstance(merged.get(section), dict):
+            merged[section] = {**merged[section], **body}
+        else:
+            merged[section] = body
+    return merged
+
+
 def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
-    data: dict = {}
-    if path:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: invalid YAML: {e}") from e
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: top level must be a mapping of sections")
+    data = _read_yaml(Path(path)) if path else {}
     return build_config(data, overrides, source=str(path or "<defaults>"))
 
 
@@ -380,5 +395,5 @@ def validate(cfg: Config) -> None:
     _require(p.zero_stage in (0, 1, 2, 3), "parallel.zero_stage", "must be 0, 1, 2 or 3")
     _require(data.window >= 2, "data.window",
              "must be >= 2 latent frames (the clean reference frame plus at least one)")
-    _require(data.synthetic_frames >= data.window, "data.synthetic_frames",
+    _require(bool(data.shards) or data.synthetic_frames >= data.window, "data.synthetic_frames",
              f"synthetic_frames={data.synthetic_frames} must be >= data.window={data.window}")
