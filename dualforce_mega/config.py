@@ -85,6 +85,7 @@ class DiffusionConfig:
     window_blocks: int = 0                # 0 = no rolling window
     ar_step: int = 0                      # 0 = synchronous schedule
     cfg_audio: float = 1.0                # 1 = no guidance
+    cfg_uncond_audio: str = "none"        # unconditional branch audio: none (no audio attention) | zeros
 
 
 @dataclass
