@@ -1,0 +1,1 @@
+"""Data preparation: raw video -> preprocessing steps 01..07 -> WebDataset shards and stats."""

@@ -1,0 +1,1 @@
+"""Evaluation: generation from checkpoints, metrics (FID, FVD, CSIM, Sync-C/D, APD, LVE), reports."""
