@@ -123,22 +123,74 @@ def sdpa_block_attention(q, k, v, spec: MaskSpec) -> torch.Tensor:
 _FLEX_MASKS: dict = {}
 
 
+def _mask_mod(spec: MaskSpec, device: torch.device) -> Callable:
+    qb = spec.q_blocks.to(device)
+    kb = spec.k_blocks.to(device)
+    window, sink = spec.window, spec.sink
+
+    def mask_mod(b, h, qi, ki):
+        ok = kb[ki] <= qb[qi]
+        if window > 0:
+            ok = ok & ((kb[ki] > qb[qi] - window) | (kb[ki] < sink))
+        return ok
+
+    return mask_mod
+
+
+def _tile_membership(ids: torch.Tensor, uniq: torch.Tensor, tile: int) -> torch.Tensor:
+    """[tiles, len(uniq)] float: 1 where the tile of ``tile`` tokens holds a token of that block id."""
+    n_tiles = -(-ids.numel() // tile)
+    col = torch.searchsorted(uniq, ids)
+    row = torch.arange(ids.numel()) // tile
+    member = torch.zeros(n_tiles, uniq.numel(), dtype=torch.float64)
+    member[row, col] = 1.0
+    return member
+
+
+def flex_block_mask_from_blocks(spec: MaskSpec, device: torch.device, tile: int = 0):
+    """The FlexAttention ``BlockMask`` of ``spec`` built from block ids, without evaluating the mask
+    per token pair.
+
+    ``create_block_mask`` evaluates ``mask_mod`` on all Lq x Lk pairs (17 G at 128 latent frames).
+    Here the mask is evaluated once per pair of distinct block ids; a (q tile, k tile) pair is then
+    empty / partial / full by counting allowed and forbidden block pairs it covers. Tiles running
+    past the sequence end are never full (their padded slots are masked), as in ``create_block_mask``.
+    """
+    from torch.nn.attention.flex_attention import _DEFAULT_SPARSE_BLOCK_SIZE, BlockMask
+
+    tile = tile or _DEFAULT_SPARSE_BLOCK_SIZE
+    qb, kb = spec.q_blocks.cpu(), spec.k_blocks.cpu()
+    uq, uk = torch.unique(qb), torch.unique(kb)
+    allowed = MaskSpec(uq, uk, spec.window, spec.sink).allowed().to(torch.float64)
+    mq, mk = _tile_membership(qb, uq, tile), _tile_membership(kb, uk, tile)
+    n_allowed = mq @ allowed @ mk.T            # block pairs of each tile pair that are allowed
+    n_denied = mq @ (1.0 - allowed) @ mk.T
+    ragged_q = torch.zeros(mq.shape[0], dtype=torch.bool)
+    ragged_k = torch.zeros(mk.shape[0], dtype=torch.bool)
+    ragged_q[-1] = qb.numel() % tile != 0
+    ragged_k[-1] = kb.numel() % tile != 0
+    full = (n_allowed > 0) & (n_denied == 0) & ~ragged_q[:, None] & ~ragged_k[None, :]
+    partial = (n_allowed > 0) & ~full
+
+    def as_blocks(sel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        counts = sel.sum(-1).to(torch.int32)
+        # selected tile indices first (stable sort keeps them ascending), the rest after
+        order = torch.argsort((~sel).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+        return counts[None, None].to(device), order[None, None].contiguous().to(device)
+
+    kv_num, kv_idx = as_blocks(partial)
+    full_num, full_idx = as_blocks(full)
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=tile,
+                                    mask_mod=_mask_mod(spec, device),
+                                    seq_lengths=(qb.numel(), kb.numel()))
+
+
 def flex_block_attention(q, k, v, spec: MaskSpec) -> torch.Tensor:
-    flex_attention, create_block_mask = _flex()
+    flex_attention, _ = _flex()
     cache_key = (spec.key, q.shape[1], k.shape[1], spec.window, spec.sink, str(q.device)) if spec.key else None
     block_mask = _FLEX_MASKS.get(cache_key) if cache_key else None
     if block_mask is None:
-        qb = spec.q_blocks.to(q.device)
-        kb = spec.k_blocks.to(q.device)
-        window, sink = spec.window, spec.sink
-
-        def mask_mod(b, h, qi, ki):
-            ok = kb[ki] <= qb[qi]
-            if window > 0:
-                ok = ok & ((kb[ki] > qb[qi] - window) | (kb[ki] < sink))
-            return ok
-
-        block_mask = create_block_mask(mask_mod, None, None, q.shape[1], k.shape[1], device=q.device)
+        block_mask = flex_block_mask_from_blocks(spec, q.device)
         if cache_key:
             if len(_FLEX_MASKS) > 64:
                 _FLEX_MASKS.clear()
