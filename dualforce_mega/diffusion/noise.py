@@ -1,0 +1,127 @@
+"""Diffusion Forcing training noise: one sigma per causal block, drawn per sample from its own seed.
+
+Every random draw for a sample comes from ``torch.Generator`` objects seeded only by that sample's
+seed, so a global batch split over any number of ranks (or micro batches) sees identical noise.
+The video and struct streams use separate generators, so switching e.g. ``diffusion.struct_sigma``
+never changes the video noise of a sample.
+
+Latent frame 0 is the clean reference image: its sigma is always 0 (it is excluded from the loss).
+Frames of one causal block (``latent frame // causal_block_size``) share their block's sigma.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from ..config import DiffusionConfig
+from .schedules import shift_sigma
+
+_MASK64 = (1 << 64) - 1
+# torch.Generator.manual_seed takes a non-negative int64
+_SEED_BITS = 63
+# independent random streams of one sample
+STREAM_VIDEO = 0
+STREAM_STRUCT = 1
+
+
+def _splitmix64(x: int) -> int:
+    """One round of splitmix64: a bijective integer mixer, so nearby seeds give unrelated streams."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def mix_seed(*parts: int) -> int:
+    """A 63-bit seed from a tuple of integers (order matters)."""
+    h = 0
+    for p in parts:
+        h = _splitmix64(h ^ (int(p) & _MASK64))
+    return h & ((1 << _SEED_BITS) - 1)
+
+
+def sample_seeds(train_seed: int, step: int, indices: torch.Tensor) -> torch.Tensor:
+    """Per-sample noise seeds ``f(train.seed, step, global sample index)`` as a LongTensor [B]."""
+    return torch.tensor([mix_seed(train_seed, step, int(i)) for i in indices.reshape(-1).tolist()],
+                        dtype=torch.long)
+
+
+def block_ids(num_frames: int, causal_block_size: int) -> torch.Tensor:
+    """Block id [F] of each latent frame of a window whose frames are 0..F-1."""
+    return torch.arange(num_frames) // causal_block_size
+
+
+def base_sigmas(n: int, cfg: DiffusionConfig, generator: torch.Generator) -> torch.Tensor:
+    """``n`` i.i.d. sigmas in [0, 1] from ``diffusion.sigma_sampler``."""
+    if cfg.sigma_sampler == "uniform":
+        return torch.rand(n, generator=generator, dtype=torch.float64).float()
+    if cfg.sigma_sampler == "logit_normal":
+        z = torch.randn(n, generator=generator, dtype=torch.float64)
+        return torch.sigmoid(cfg.logit_mean + cfg.logit_std * z).float()
+    if cfg.sigma_sampler == "shifted":
+        u = torch.rand(n, generator=generator, dtype=torch.float64)
+        return shift_sigma(u, cfg.shift).float()
+    raise ValueError(f"diffusion.sigma_sampler: {cfg.sigma_sampler!r} is not one of uniform, logit_normal, shifted")
+
+
+def block_sigmas(num_blocks: int, cfg: DiffusionConfig, generator: torch.Generator) -> torch.Tensor:
+    """Per-block sigmas [num_blocks]; sorted ascending (non-decreasing in time) if ``diffusion.monotonic``."""
+    s = base_sigmas(num_blocks, cfg, generator)
+    return torch.sort(s).values if cfg.monotonic else s
+
+
+def frame_sigmas(per_block: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """Per-block [..., K] -> per-latent-frame [..., F], with frame 0 (the clean reference) at 0."""
+    s = per_block[..., blocks].clone()
+    s[..., 0] = 0.0
+    return s
+
+
+@dataclass
+class SampleNoise:
+    """The noise of one sample (unbatched)."""
+    sigma_video: torch.Tensor                    # [F]
+    eps_video: torch.Tensor                      # same shape as the video latent [C, F, h, w]
+    sigma_struct: Optional[torch.Tensor] = None  # [F]
+    eps_struct: Optional[torch.Tensor] = None    # [N, motion_dim]
+
+
+def draw_sample_noise(seed: int, video_shape: Sequence[int], struct_shape: Optional[Sequence[int]],
+                      cfg: DiffusionConfig, causal_block_size: int) -> SampleNoise:
+    """All noise of one sample. ``video_shape`` is [C, F, h, w]; ``struct_shape`` [N, D] or None."""
+    num_frames = int(video_shape[1])
+    blocks = block_ids(num_frames, causal_block_size)
+    num_blocks = int(blocks[-1]) + 1
+
+    g = torch.Generator().manual_seed(mix_seed(seed, STREAM_VIDEO))
+    video_blocks = block_sigmas(num_blocks, cfg, g)
+    noise = SampleNoise(sigma_video=frame_sigmas(video_blocks, blocks),
+                        eps_video=torch.randn(tuple(video_shape), generator=g))
+    if struct_shape is None:
+        return noise
+
+    g = torch.Generator().manual_seed(mix_seed(seed, STREAM_STRUCT))
+    if cfg.struct_sigma == "tied":
+        struct_blocks = (cfg.struct_sigma_k * video_blocks).clamp(0.0, 1.0)
+    elif cfg.struct_sigma == "independent":
+        struct_blocks = block_sigmas(num_blocks, cfg, g)
+    else:
+        raise ValueError(f"diffusion.struct_sigma: {cfg.struct_sigma!r} is not one of independent, tied")
+    noise.sigma_struct = frame_sigmas(struct_blocks, blocks)
+    noise.eps_struct = torch.randn(tuple(struct_shape), generator=g)
+    return noise
+
+
+def draw_batch_noise(seeds: torch.Tensor, video_shape: Sequence[int], struct_shape: Optional[Sequence[int]],
+                     cfg: DiffusionConfig, causal_block_size: int) -> SampleNoise:
+    """Per-sample noise stacked over the batch: sigma [B, F], eps [B, ...] (CPU tensors)."""
+    draws = [draw_sample_noise(int(s), video_shape, struct_shape, cfg, causal_block_size)
+             for s in seeds.reshape(-1).tolist()]
+    out = SampleNoise(sigma_video=torch.stack([d.sigma_video for d in draws]),
+                      eps_video=torch.stack([d.eps_video for d in draws]))
+    if struct_shape is not None:
+        out.sigma_struct = torch.stack([d.sigma_struct for d in draws])
+        out.eps_struct = torch.stack([d.eps_struct for d in draws])
+    return out
