@@ -140,6 +140,7 @@ class RunConfig:
     dir: str = "runs/default"
     name: str = "dualforce"
     tensorboard: bool = True
+    log_samples: bool = False             # also log each step's global sample indices (debug / tests)
 
 
 @dataclass

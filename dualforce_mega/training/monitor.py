@@ -1,0 +1,98 @@
+"""Resource telemetry for the metrics record: memory, GPU power/utilisation/temperature, FLOPs and MFU."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any, Callable, Optional
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+log = logging.getLogger(__name__)
+
+_MB = 1024 * 1024
+
+
+def memory_mb(device: torch.device) -> float:
+    """GPU: peak allocated by torch on this device; CPU: resident set size of this process."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / _MB
+    try:
+        with open("/proc/self/statm") as f:
+            resident_pages = int(f.read().split()[1])
+        return resident_pages * os.sysconf("SC_PAGE_SIZE") / _MB
+    except OSError:
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+class GpuMonitor:
+    """Power, utilisation and temperature of this rank's GPU via NVML (nvidia-ml-py); silent if absent."""
+
+    def __init__(self, device: torch.device):
+        self.handle: Any = None
+        if device.type != "cuda":
+            return
+        try:
+            import pynvml
+            pynvml.nvmlInit()
+            props = torch.cuda.get_device_properties(device)
+            # NVML ignores CUDA_VISIBLE_DEVICES: find our GPU by its PCI address, not its index.
+            bus_id = f"{props.pci_domain_id:08x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}.0"
+            self.handle = pynvml.nvmlDeviceGetHandleByPciBusId(bus_id)
+            self.nvml = pynvml
+        except Exception as e:  # noqa: BLE001 - telemetry must never stop training
+            log.warning("GPU telemetry disabled (pynvml / NVML unavailable: %s)", e)
+            self.handle = None
+
+    def read(self) -> dict[str, float]:
+        if self.handle is None:
+            return {}
+        try:
+            nv = self.nvml
+            return {
+                "gpu_power_w": nv.nvmlDeviceGetPowerUsage(self.handle) / 1000.0,
+                "gpu_util_pct": float(nv.nvmlDeviceGetUtilizationRates(self.handle).gpu),
+                "gpu_temp_c": float(nv.nvmlDeviceGetTemperature(self.handle, nv.NVML_TEMPERATURE_GPU)),
+            }
+        except Exception as e:  # noqa: BLE001
+            log.warning("GPU telemetry read failed, disabling: %s", e)
+            self.handle = None
+            return {}
+
+
+def count_flops(fn: Callable[[], Any]) -> tuple[Any, int]:
+    """Run ``fn`` once under torch's FLOP counter (matmuls, convolutions, attention) -> (result, flops)."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        result = fn()
+    return result, int(counter.get_total_flops())
+
+
+def train_flops_per_sample(forward_flops: int, micro_batch: int) -> float:
+    """Model FLOPs of forward + backward per sample: backward costs twice the forward (standard MFU
+    convention; activation-checkpoint recomputation is not counted as useful work)."""
+    return 3.0 * forward_flops / micro_batch
+
+
+def measure_peak_flops(device: torch.device, dtype: torch.dtype, size: int = 8192, iters: int = 10) -> float:
+    """Achievable dense matmul FLOP/s on this GPU in the training dtype (the MFU denominator)."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    torch.matmul(a, b)  # warm up cuBLAS heuristics
+    torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        torch.matmul(a, b)
+    torch.cuda.synchronize(device)
+    elapsed = time.perf_counter() - start
+    del a, b
+    return 2.0 * size ** 3 * iters / elapsed
+
+
+def mfu(flops_per_sample: Optional[float], samples: int, step_time_s: float, world_size: int,
+        peak_flops: Optional[float]) -> Optional[float]:
+    if not flops_per_sample or not peak_flops or step_time_s <= 0:
+        return None
+    return flops_per_sample * samples / step_time_s / world_size / peak_flops

@@ -1,0 +1,114 @@
+"""Checks that must fail before any rank starts: config, world/batch divisibility, shards.
+
+``launch/*.sh`` runs this module once before spawning ranks; ``train.py`` repeats the same checks on
+every rank before initialising the process group (for users who call the DeepSpeed launcher directly).
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import sys
+from pathlib import Path
+from typing import Optional
+
+from ..config import Config, ConfigError, load_config
+from ..parallel.deepspeed_config import grad_accum_steps
+from .phase import apply_phase
+
+
+def shard_paths(spec: str) -> list[Path]:
+    """``data.shards``: a directory of .tar files, a glob, or a comma-separated list of files."""
+    paths: list[Path] = []
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        if any(c in part for c in "*?["):
+            matches = sorted(glob.glob(part))
+            if not matches:
+                raise ConfigError(f"data.shards: pattern {part!r} matches no file")
+            paths.extend(Path(m) for m in matches)
+        elif Path(part).is_dir():
+            found = sorted(Path(part).glob("*.tar"))
+            if not found:
+                raise ConfigError(f"data.shards: directory {part} contains no .tar shards")
+            paths.extend(found)
+        else:
+            paths.append(Path(part))
+    return paths
+
+
+def check_shards(cfg: Config) -> list[Path]:
+    """Every configured shard exists and is non-empty. ``data.shards=""`` means synthetic data."""
+    if not cfg.data.shards:
+        return []
+    paths = shard_paths(cfg.data.shards)
+    if not paths:
+        raise ConfigError(f"data.shards: {cfg.data.shards!r} names no shard")
+    for p in paths:
+        if not p.is_file():
+            raise ConfigError(f"data.shards: {p} does not exist")
+        if p.stat().st_size == 0:
+            raise ConfigError(f"data.shards: {p} is empty (0 bytes)")
+    return paths
+
+
+def check_world(cfg: Config, world_size: int) -> tuple[int, int]:
+    """-> (data-parallel size, gradient accumulation steps)."""
+    if world_size < 1:
+        raise ConfigError(f"world size {world_size} must be >= 1")
+    sp = cfg.parallel.sp
+    if world_size % sp != 0:
+        raise ConfigError(f"parallel.sp: world size {world_size} is not divisible by parallel.sp={sp}")
+    dp = world_size // sp
+    return dp, grad_accum_steps(cfg, dp)
+
+
+def hostfile_slots(path: str) -> int:
+    """Total ``slots=N`` of a DeepSpeed hostfile (``host slots=N`` per line, # comments)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--hostfile {path}: file not found")
+    total = 0
+    for lineno, line in enumerate(p.read_text().splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        fields = line.split()
+        slots = [f for f in fields[1:] if f.startswith("slots=")]
+        if len(slots) != 1 or not slots[0][len("slots="):].isdigit():
+            raise ConfigError(f"{path}:{lineno}: expected 'hostname slots=N', got {line!r}")
+        total += int(slots[0][len("slots="):])
+    if total == 0:
+        raise ConfigError(f"{path}: no hosts with slots")
+    return total
+
+
+def preflight(config: Optional[str], overrides: list[str], world_size: int) -> tuple[Config, int, int]:
+    cfg = apply_phase(load_config(config, overrides))
+    dp, accum = check_world(cfg, world_size)
+    check_shards(cfg)
+    return cfg, dp, accum
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description="Validate a training launch before any rank starts.")
+    ap.add_argument("--config", default=None)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    group = ap.add_mutually_exclusive_group(required=True)
+    group.add_argument("--world", type=int, help="number of ranks that will be started")
+    group.add_argument("--hostfile", help="DeepSpeed hostfile (world = sum of slots)")
+    args = ap.parse_args(argv)
+    try:
+        world = args.world if args.world is not None else hostfile_slots(args.hostfile)
+        cfg, dp, accum = preflight(args.config, args.set, world)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    data = cfg.data.shards or "synthetic (written into the run directory by rank 0)"
+    print(f"preflight ok: world={world} sp={cfg.parallel.sp} dp={dp} micro_batch={cfg.train.micro_batch} "
+          f"grad_accum={accum} global_batch={cfg.train.global_batch} phase={cfg.train.phase} data={data}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
