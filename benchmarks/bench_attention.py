@@ -1,0 +1,273 @@
+"""Block-causal attention kernels vs full attention, forward + backward, side by side in one run.
+
+For each number of latent frames F and sequence-parallel degree P (Ulysses: every rank holds the
+full sequence and heads/P heads) it times, on identical q/k/v:
+
+  flex      FlexAttention with the cached BlockMask (the CUDA default backend)
+  flash     per-query-block prefix calls (flash_attn if installed, else torch's fused SDPA)
+  sdpa      dense boolean mask through SDPA (the reference; skipped where the L^2 mask cannot fit)
+  full:*    unmasked attention of the same shape through each fused kernel available
+
+TFLOP/s count only the unmasked work (allowed query-key pairs), forward + backward = 3.5x the
+forward's 4 * pairs * heads * head_dim (the backward's 2.5x is FlashAttention's convention).
+``ratio`` is time / time of the fastest full kernel; the ideal for block-causal is (F+1)/2F.
+
+A second table times building the flex BlockMask: token-level ``create_block_mask`` vs the
+block-level construction the backend uses.
+
+  python benchmarks/bench_attention.py                     # H100: 12 heads x 128, 1024 tok/frame
+  python benchmarks/bench_attention.py --cpu-smoke         # tiny shapes, fp32, CI check
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from common import (device_name, dump_json, fmt, free_memory, is_oom, markdown_table, release,  # noqa: I100
+                    time_fn)
+from dualforce_mega.models.attention import (MaskSpec, _flash_attn_func, _flex, _mask_mod, _sdpa,
+                                             block_attention, flex_block_mask_from_blocks, prefix_plan)
+
+log = logging.getLogger("bench_attention")
+
+# FlashAttention's convention: backward = 2.5 forward matmul FLOPs.
+BWD_OVER_FWD = 2.5
+# Dense-mask SDPA memory per (query, key) pair: the bool mask plus the additive bias the
+# memory-efficient kernel builds from it (2 bytes in bf16/fp16, 4 in fp32).
+MASK_BYTES_PER_PAIR = {torch.bfloat16: 1 + 2, torch.float16: 1 + 2, torch.float32: 1 + 4}
+# Leave this share of free memory for q/k/v, grads and the kernel's workspace.
+MEMORY_HEADROOM = 0.8
+
+
+@dataclass
+class Row:
+    frames: int
+    sp: int
+    heads: int
+    tokens: int
+    backend: str
+    ms: Optional[float] = None
+    tflops: Optional[float] = None
+    ratio: Optional[float] = None
+    ideal: Optional[float] = None
+    note: str = ""
+
+
+def block_ids(frames: int, tokens_per_frame: int) -> torch.Tensor:
+    return torch.arange(frames).repeat_interleave(tokens_per_frame)
+
+
+def allowed_pairs(spec: MaskSpec) -> int:
+    """Exact number of (query, key) pairs the block-causal mask allows."""
+    return sum((qe - qs) * sum(e - s for s, e in ranges) for qs, qe, ranges in prefix_plan(spec))
+
+
+def fwd_bwd_flops(pairs: int, batch: int, heads: int, head_dim: int) -> float:
+    return (1.0 + BWD_OVER_FWD) * 4.0 * pairs * batch * heads * head_dim
+
+
+def full_kernels(device: torch.device, dtype: torch.dtype) -> dict[str, Callable]:
+    """Every fused unmasked kernel that can run here, by name."""
+    def via_sdpa(kind: Optional[object]) -> Callable:
+        def run(q, k, v):
+            ctx = contextlib.nullcontext() if kind is None else torch.nn.attention.sdpa_kernel([kind])
+            with ctx:
+                return _sdpa(q, k, v)
+        return run
+
+    if device.type != "cuda":
+        return {"full:sdpa": via_sdpa(None)}
+    from torch.nn.attention import SDPBackend
+
+    kernels: dict[str, Callable] = {}
+    fa = _flash_attn_func()
+    if fa is not None and dtype in (torch.float16, torch.bfloat16):
+        kernels["full:flash_attn"] = lambda q, k, v: fa(q, k, v, causal=False)
+    for name in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION"):
+        if hasattr(SDPBackend, name):
+            kernels[f"full:sdpa_{name.split('_')[0].lower()}"] = via_sdpa(getattr(SDPBackend, name))
+    return kernels
+
+
+def measure(fn: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, args: argparse.Namespace,
+            device: torch.device, backward: bool) -> float:
+    grad = torch.randn_like(q)
+
+    def step() -> None:
+        for t in (q, k, v):
+            t.grad = None
+        out = fn(q, k, v)
+        if backward:
+            out.backward(grad)
+
+    return time_fn(step, device, args.warmup, args.iters, args.max_seconds).median_ms
+
+
+def bench_case(frames: int, sp: int, args: argparse.Namespace, device: torch.device, dtype: torch.dtype
+               ) -> list[Row]:
+    heads = args.heads // sp
+    tokens = frames * args.tokens_per_frame
+    ids = block_ids(frames, args.tokens_per_frame)
+    spec = MaskSpec(ids, ids, key=("bench", frames, args.tokens_per_frame))
+    pairs = allowed_pairs(spec)
+    gen = torch.Generator(device=device).manual_seed(frames * 1000 + sp)
+    shape = (args.batch, tokens, heads, args.head_dim)
+    q, k, v = (torch.randn(shape, device=device, dtype=dtype, generator=gen).requires_grad_() for _ in range(3))
+    ideal = (frames + 1) / (2 * frames)
+    rows: list[Row] = []
+
+    def run(name: str, fn: Callable, n_pairs: int, backward: bool = True, note: str = "") -> None:
+        row = Row(frames, sp, heads, tokens, name, ideal=ideal if not name.startswith("full") else 1.0, note=note)
+        try:
+            row.ms = measure(fn, q, k, v, args, device, backward)
+            row.tflops = fwd_bwd_flops(n_pairs, args.batch, heads, args.head_dim) / (row.ms * 1e-3) / 1e12
+        except RuntimeError as err:  # OOM, or a kernel that rejects this shape: keep the table going
+            row.note = "OOM" if is_oom(err) else f"failed: {type(err).__name__}: {str(err).splitlines()[0][:80]}"
+        release(device)
+        rows.append(row)
+
+    # block-causal backends
+    if "flex" in args.backends:
+        if _flex() is None:
+            rows.append(Row(frames, sp, heads, tokens, "flex", note="skipped: flex_attention unavailable"))
+        elif device.type != "cuda":
+            rows.append(Row(frames, sp, heads, tokens, "flex", ideal=ideal,
+                            note="skipped: FlexAttention has no CPU backward"))
+        else:
+            run("flex", lambda a, b, c: block_attention(a, b, c, spec, "flex"), pairs)
+    if "flash" in args.backends:
+        kernel = "flash_attn" if _flash_attn_func() is not None and device.type == "cuda" else "torch fused SDPA"
+        run("flash", lambda a, b, c: block_attention(a, b, c, spec, "flash"), pairs,
+            note=f"{frames} prefix calls via {kernel}")
+    if "sdpa" in args.backends:
+        need = tokens * tokens * MASK_BYTES_PER_PAIR[dtype]
+        budget = free_memory(device) * MEMORY_HEADROOM
+        if need > budget:
+            rows.append(Row(frames, sp, heads, tokens, "sdpa", ideal=ideal,
+                            note=f"skipped: dense {tokens}x{tokens} mask needs {need / 2**30:.0f} GiB "
+                                 f"> {budget / 2**30:.0f} GiB free"))
+        else:
+            try:
+                mask = spec.allowed().to(device)  # built once: time the kernel, not the mask upload
+                run("sdpa", lambda a, b, c: _sdpa(a, b, c, mask), pairs, note="dense mask prebuilt on device")
+                del mask
+            except Exception as err:  # noqa: BLE001
+                if not is_oom(err):
+                    raise
+                rows.append(Row(frames, sp, heads, tokens, "sdpa", ideal=ideal, note="OOM building the mask"))
+            release(device)
+    # full attention, same shape
+    for name, fn in full_kernels(device, dtype).items():
+        run(name, fn, tokens * tokens)
+    full_ms = [r.ms for r in rows if r.backend.startswith("full") and r.ms is not None]
+    if full_ms:
+        best = min(full_ms)
+        for r in rows:
+            if r.ms is not None:
+                r.ratio = r.ms / best
+    return rows
+
+
+@dataclass
+class MaskRow:
+    frames: int
+    tokens: int
+    token_level_ms: Optional[float]
+    block_level_ms: Optional[float]
+    note: str = ""
+
+
+def bench_mask_build(frames: int, args: argparse.Namespace, device: torch.device) -> MaskRow:
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    ids = block_ids(frames, args.tokens_per_frame)
+    spec = MaskSpec(ids, ids)
+    n = ids.numel()
+    block_ms = time_fn(lambda: flex_block_mask_from_blocks(spec, device), device, 1, args.iters,
+                       args.max_seconds).median_ms
+    # create_block_mask materialises the token-level mask in chunks; skip where even one byte
+    # per pair would not fit
+    if n * n > free_memory(device) * MEMORY_HEADROOM:
+        return MaskRow(frames, n, None, block_ms, f"token-level skipped: {n}^2 pairs exceed free memory")
+    mod = _mask_mod(spec, device)
+    try:
+        token_ms = time_fn(lambda: create_block_mask(mod, None, None, n, n, device=device), device, 1,
+                           args.iters, args.max_seconds).median_ms
+    except Exception as err:  # noqa: BLE001
+        if not is_oom(err):
+            raise
+        release(device)
+        return MaskRow(frames, n, None, block_ms, "token-level OOM")
+    return MaskRow(frames, n, token_ms, block_ms)
+
+
+def allow_recompiles(n_shapes: int) -> None:
+    """flex is compiled once per (shape, heads); past dynamo's default limit it would run eagerly."""
+    from torch._dynamo import config as dynamo_config
+
+    key = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+    # two graphs per shape (forward, and the mask-build / backward variants), plus slack
+    setattr(dynamo_config, key, max(getattr(dynamo_config, key), 4 * n_shapes))
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--frames", default="8,32,128", help="latent frames F, comma list")
+    p.add_argument("--sp", default="1,2,4", help="Ulysses degrees P (per-rank heads = heads/P)")
+    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--tokens-per-frame", type=int, default=1024, help="video tokens per latent frame (512^2)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--backends", default="flex,flash,sdpa")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--max-seconds", type=float, default=20.0, help="measuring time cap per kernel and shape")
+    p.add_argument("--no-mask-build", action="store_true", help="skip the BlockMask build table")
+    p.add_argument("--json", default="", help="also write the rows here")
+    p.add_argument("--cpu-smoke", action="store_true", help="tiny fp32 shapes on CPU (CI)")
+    args = p.parse_args(argv)
+    if args.cpu_smoke:
+        args.frames, args.sp, args.heads, args.head_dim, args.tokens_per_frame = "2,4", "1,2", 2, 16, 16
+        args.warmup, args.iters, args.max_seconds = 1, 2, 0.0
+    args.frames = [int(x) for x in str(args.frames).split(",") if x]
+    args.sp = [int(x) for x in str(args.sp).split(",") if x]
+    args.backends = [x for x in str(args.backends).split(",") if x]
+    for p_ in args.sp:
+        if args.heads % p_:
+            raise SystemExit(f"--sp {p_}: must divide --heads {args.heads} (Ulysses shards heads)")
+    return args
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    logging.basicConfig(level=logging.WARNING)
+    args = parse_args(argv)
+    device = torch.device("cpu" if args.cpu_smoke or not torch.cuda.is_available() else "cuda")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if device.type == "cuda":
+        allow_recompiles(len(args.frames) * len(args.sp))
+    print(f"# block-causal attention, fwd+bwd — {device_name(device)}, {str(dtype).replace('torch.', '')}, "
+          f"batch {args.batch}, {args.heads} heads x {args.head_dim}, {args.tokens_per_frame} tokens/frame")
+    rows: list[Row] = []
+    for frames in args.frames:
+        for sp in args.sp:
+            rows.extend(bench_case(frames, sp, args, device, dtype))
+    headers = ["F", "P", "heads", "tokens", "backend", "ms", "TFLOP/s", "ratio", "ideal", "note"]
+    print(markdown_table(headers, [[str(r.frames), str(r.sp), str(r.heads), str(r.tokens), r.backend, fmt(r.ms),
+                                    fmt(r.tflops), fmt(r.ratio), fmt(r.ideal), r.note] for r in rows]))
+    mask_rows: list[MaskRow] = []
+    if not args.no_mask_build and _flex() is not None:
+        mask_rows = [bench_mask_build(f, args, device) for f in args.frames]
+        print(f"\n# flex BlockMask build (ms) — {device_name(device)}")
+        print(markdown_table(["F", "tokens", "create_block_mask", "from block ids", "note"],
+                             [[str(m.frames), str(m.tokens), fmt(m.token_level_ms), fmt(m.block_level_ms), m.note]
+                              for m in mask_rows]))
+    dump_json(args.json, {"device": device_name(device), "dtype": str(dtype), "rows": rows, "mask_build": mask_rows})
+
+
+if __name__ == "__main__":
+    main()
