@@ -37,7 +37,7 @@ class ModelConfig:
     # video stream
     in_channels: int = 16
     out_channels: int = 16
-    patch_size: tuple = (1, 2, 2)
+    patch_size: tuple[int, int, int] = (1, 2, 2)
     vae_temporal_stride: int = 4     # latent frame t>=1 covers video frames 4t-3..4t
     vae_spatial_stride: int = 8
     # conditioning streams
@@ -113,7 +113,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     warmup_steps: int = 10
     weight_decay: float = 0.01
-    betas: tuple = (0.9, 0.999)
+    betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
     grad_clip: float = 1.0                # set explicitly: DeepSpeed's own default is 1.0 too
     seed: int = 0
@@ -192,8 +192,19 @@ def _to_plain(obj: Any) -> Any:
     return obj
 
 
+class _CliText(str):
+    """A ``--set`` value as typed; parsed according to the field's type in ``_coerce``."""
+
+
 def _coerce(key: str, hint: Any, value: Any) -> Any:
     """Convert a YAML / command-line value to the annotated type, or fail naming ``key``."""
+    if isinstance(value, _CliText):
+        if hint is str:  # keep the text: YAML would read e.g. "on" as True and "1e3" as a string
+            return str(value)
+        try:
+            value = yaml.safe_load(value) if value != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{key}: cannot parse {str(value)!r}: {e}") from e
     origin = get_origin(hint)
     if origin is Union:  # Optional[X]
         args = [a for a in get_args(hint) if a is not type(None)]
@@ -205,7 +216,14 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
             value = yaml.safe_load(value if value.startswith("[") else f"[{value}]")
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return tuple(value)
+        args = get_args(hint)
+        if not args:
+            return tuple(value)
+        if len(args) == 2 and args[1] is Ellipsis:
+            args = (args[0],) * len(value)
+        if len(args) != len(value):
+            raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}: {list(value)}")
+        return tuple(_coerce(f"{key}[{i}]", a, v) for i, (a, v) in enumerate(zip(args, value)))
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -252,6 +270,11 @@ def _set_field(section_obj: Any, section: str, name: str, value: Any) -> None:
     setattr(section_obj, name, _coerce(f"{section}.{name}", hints[name], value))
 
 
+def _suggest(section: str) -> str:
+    close = difflib.get_close_matches(section, list(_SECTIONS), n=1)
+    return (f" (did you mean {close[0]}?" if close else " (") + f" sections: {sorted(_SECTIONS)})"
+
+
 def _parse_override(item: str) -> tuple[str, str, Any]:
     if "=" not in item:
         raise ConfigError(f"--set {item!r}: expected section.key=value")
@@ -259,7 +282,7 @@ def _parse_override(item: str) -> tuple[str, str, Any]:
     if "." not in key:
         raise ConfigError(f"--set {key}: expected section.key (sections: {sorted(_SECTIONS)})")
     section, name = key.split(".", 1)
-    value = yaml.safe_load(raw) if raw != "" else ""
+    value = _CliText(raw)
     return section.strip(), name.strip(), value
 
 
@@ -273,7 +296,7 @@ def build_config(yaml_dict: Optional[dict] = None, overrides: Optional[list[str]
     raw: dict[str, dict[str, Any]] = {}
     for section, body in (yaml_dict or {}).items():
         if section not in _SECTIONS:
-            raise ConfigError(f"{source}: {section}: unknown section (known: {sorted(_SECTIONS)})")
+            raise ConfigError(f"{source}: {section}: unknown section{_suggest(section)}")
         if body is None:
             continue
         if not isinstance(body, dict):
@@ -282,7 +305,7 @@ def build_config(yaml_dict: Optional[dict] = None, overrides: Optional[list[str]
     for item in overrides or []:
         section, name, value = _parse_override(item)
         if section not in _SECTIONS:
-            raise ConfigError(f"{section}.{name}: unknown section (known: {sorted(_SECTIONS)})")
+            raise ConfigError(f"{section}.{name}: unknown section{_suggest(section)}")
         raw.setdefault(section, {})[name] = value
 
     cfg = Config()
