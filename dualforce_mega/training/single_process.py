@@ -1,0 +1,163 @@
+"""Loss-only training in one process (no DeepSpeed): for tests, debugging and quick learnability checks.
+
+    python -m dualforce_mega.training.single_process --steps 200 --set train.lr=1e-3 --set data.window=3
+
+builds the configured model, draws in-memory synthetic clips (``data.synthetic_*``), cuts random
+windows as documented in docs/INTERFACES.md (Batches), and runs AdamW on the Diffusion Forcing
+objective, logging every ``train.log_every`` steps. Each optimizer step takes one batch of
+``train.global_batch`` samples (no gradient accumulation).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+from typing import Iterable, Iterator, Optional, Sequence
+
+import torch
+
+from ..config import Config, ModelConfig, load_config
+from ..data.synthetic import make_synthetic_clip
+from ..diffusion.noise import mix_seed, sample_seeds
+from ..diffusion.objective import DiffusionForcingObjective
+from ..models import DualForceModel
+from ..models.layout import num_video_frames
+
+log = logging.getLogger(__name__)
+
+# tensors of a clip that are cut along time; the others (kp_canonical, text_emb) are per clip
+TIME_KEYS = ("video_latent", "struct", "flame", "audio")
+
+
+def window_clip(tensors: dict[str, torch.Tensor], t0: int, window: int, model_cfg: ModelConfig
+                ) -> dict[str, torch.Tensor]:
+    """The window of ``window`` latent frames starting at latent frame ``t0`` of a full clip.
+
+    struct/flame take video frames 4*t0 .. 4*(t0+W-1) (the first window frame maps to one video
+    frame, the last of its span); audio takes the matching ``audio_rate / fps`` frames per video frame.
+    """
+    stride = model_cfg.vae_temporal_stride
+    per_frame = model_cfg.audio_rate // model_cfg.fps
+    total = tensors["video_latent"].shape[1]
+    if not 0 <= t0 <= total - window:
+        raise ValueError(f"window_clip: window [{t0}, {t0 + window}) outside a clip of {total} latent frames")
+    v0 = stride * t0
+    n = num_video_frames(window, stride)
+    out = dict(tensors)
+    out["video_latent"] = tensors["video_latent"][:, t0:t0 + window]
+    for key in ("struct", "flame"):
+        if key in tensors:
+            out[key] = tensors[key][v0:v0 + n]
+    if "audio" in tensors:
+        out["audio"] = tensors["audio"][per_frame * v0:per_frame * (v0 + n)]
+    return out
+
+
+def collate(samples: Sequence[dict[str, torch.Tensor]], keys: Sequence[str], indices: Sequence[int]) -> dict:
+    batch: dict = {k: torch.stack([s[k] for s in samples]).float() for k in samples[0]}
+    batch["__key__"] = list(keys)
+    batch["__index__"] = torch.tensor(list(indices), dtype=torch.long)
+    return batch
+
+
+def synthetic_clips(cfg: Config) -> list[tuple[dict[str, torch.Tensor], dict]]:
+    d = cfg.data
+    return [make_synthetic_clip(i, d.synthetic_frames, (d.latent_height, d.latent_width), cfg.model, d.seed)
+            for i in range(d.synthetic_clips)]
+
+
+def window_batches(clips: Sequence[tuple[dict[str, torch.Tensor], dict]], cfg: Config, batch_size: int
+                   ) -> Iterator[dict]:
+    """Endless batches of random windows of ``data.window`` latent frames, deterministic in ``data.seed``.
+
+    Sample ``i`` of the stream (its ``__index__``) picks its clip and window start from its own seed.
+    """
+    window = cfg.data.window
+    index = 0
+    while True:
+        samples, keys, indices = [], [], []
+        for _ in range(batch_size):
+            g = torch.Generator().manual_seed(mix_seed(cfg.data.seed, index))
+            tensors, meta = clips[int(torch.randint(len(clips), (1,), generator=g))]
+            frames = tensors["video_latent"].shape[1]
+            t0 = int(torch.randint(frames - window + 1, (1,), generator=g))
+            samples.append(window_clip(tensors, t0, window, cfg.model))
+            keys.append(f"{meta.get('key', index)}@{t0}")
+            indices.append(index)
+            index += 1
+        yield collate(samples, keys, indices)
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warmup then cosine decay to ``min_ratio`` of the peak at ``total`` steps."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_model(cfg: Config) -> DualForceModel:
+    """The configured model, initialised from ``train.seed`` without touching the global RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed)
+        return DualForceModel(cfg.model)
+
+
+def train_single_process(cfg: Config, batches: Iterable[dict], steps: Optional[int] = None,
+                         model: Optional[DualForceModel] = None, device: str = "cpu") -> list[dict[str, float]]:
+    """Run ``steps`` (default ``train.steps``) AdamW steps; returns each step's metrics
+    (``step``, ``lr``, ``grad_norm`` and the objective's ``loss*`` metrics)."""
+    t = cfg.train
+    steps = t.steps if steps is None else steps
+    model = (model or build_model(cfg)).to(device).train()
+    objective = DiffusionForcingObjective(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.betas), eps=t.adam_eps,
+                            weight_decay=t.weight_decay)
+    history: list[dict[str, float]] = []
+    it = iter(batches)
+    for step in range(steps):
+        lr = t.lr * lr_factor(step, t.warmup_steps, steps, t.min_lr_ratio)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        batch = next(it)
+        seeds = sample_seeds(t.seed, step, batch["__index__"])
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        inputs, targets = objective.prepare(batch, seeds)
+        out = model(**inputs, return_aux=True)
+        loss, metrics = objective.losses(out, targets)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+        opt.step()
+        metrics.update(step=step, lr=lr, grad_norm=grad_norm)
+        history.append(metrics)
+        if t.log_every and step % t.log_every == 0:
+            log.info("step %d %s", step, " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "step"))
+    return history
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", default=None, help="YAML config (default: built-in defaults, tiny preset)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="config override")
+    p.add_argument("--steps", type=int, default=None, help="override train.steps")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--tail", type=int, default=20, help="steps averaged for the first/last summary")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    cfg = load_config(args.config, args.set)
+    clips = synthetic_clips(cfg)
+    history = train_single_process(cfg, window_batches(clips, cfg, cfg.train.global_batch), args.steps,
+                                   device=args.device)
+    if not history:
+        return
+    k = max(1, min(args.tail, len(history) // 2))
+    for name in sorted(n for n in history[0] if n.startswith("loss") and "sigma" not in n):
+        first = sum(h[name] for h in history[:k]) / k
+        last = sum(h[name] for h in history[-k:]) / k
+        print(f"{name}: first{k} {first:.4f} last{k} {last:.4f} change {100 * (last - first) / first:+.1f}%")
+
+
+if __name__ == "__main__":
+    main()
