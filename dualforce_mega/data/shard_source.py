@@ -141,9 +141,9 @@ def read_shard(ref: ShardRef, counters: ReadCounters, report: bool) -> Iterator[
 
     def handler(exn: Exception) -> bool:
         nonlocal failed
-        failed = True
-        if report:
+        if report and not failed:  # WebDataset's nested iterators report one failure more than once
             log.warning("shard %s: read error, skipping the rest of the shard: %s", ref.url, exn)
+        failed = True
         return True  # keep going with the next shard
 
     opened = url_opener([{"url": ref.url}], handler=handler)
