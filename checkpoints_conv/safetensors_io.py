@@ -18,7 +18,6 @@ from typing import Optional
 import torch
 from safetensors.torch import save_file
 
-from dualforce_mega.bundle import INDEX_NAME, WEIGHTS_NAME
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b|b)?\s*$", re.IGNORECASE)
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -71,14 +70,19 @@ class ShardedWriter:
     """Write tensors in plan order with :meth:`add`; :meth:`close` writes the index (when sharded)."""
 
     def __init__(self, out_dir: Path, specs: list[TensorSpec], max_bytes: int,
-                 metadata: Optional[dict[str, str]] = None):
+                 metadata: Optional[dict[str, str]] = None, base: str = "model"):
+        """``base`` names the files: ``<base>.safetensors`` or ``<base>-0000i-of-0000n.safetensors``
+        + ``<base>.safetensors.index.json`` (``diffusion_pytorch_model`` for diffusers layouts)."""
         self.out_dir = Path(out_dir)
+        self.base = base
+        self.index_name = f"{base}.safetensors.index.json"
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.plan = plan_shards(specs, max_bytes)
         if not self.plan:
             raise ValueError(f"{out_dir}: nothing to write (no tensors)")
         n = len(self.plan)
-        self.names = [WEIGHTS_NAME] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self.names = [f"{base}.safetensors"] if n == 1 else \
+            [f"{base}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         self.metadata = dict(metadata or {}, format="pt")
         self._shard = 0
         self._pos = 0
@@ -89,7 +93,7 @@ class ShardedWriter:
 
     def _remove_stale(self) -> None:
         """Weights of an earlier conversion into the same directory would shadow or mix with ours."""
-        for p in self.out_dir.glob("model*.safetensors*"):
+        for p in self.out_dir.glob(f"{self.base}*.safetensors*"):
             if p.name not in self.names:
                 p.unlink()
 
@@ -118,9 +122,9 @@ class ShardedWriter:
     def close(self) -> list[Path]:
         if self._shard != len(self.plan):
             raise RuntimeError(f"writer: closed after {self._shard} of {len(self.plan)} shards")
-        index = self.out_dir / INDEX_NAME
+        index = self.out_dir / self.index_name
         if len(self.names) > 1:
-            tmp = self.out_dir / f".{INDEX_NAME}.partial"
+            tmp = self.out_dir / f".{self.index_name}.partial"
             tmp.write_text(json.dumps({"metadata": {"total_size": self.total_size},
                                        "weight_map": self.weight_map}, indent=1))
             os.replace(tmp, index)
@@ -130,10 +134,11 @@ class ShardedWriter:
 
 
 def write_state_dict(out_dir: Path, state: dict[str, torch.Tensor], max_bytes: int,
-                     dtype: Optional[torch.dtype] = None, metadata: Optional[dict[str, str]] = None) -> list[Path]:
+                     dtype: Optional[torch.dtype] = None, metadata: Optional[dict[str, str]] = None,
+                     base: str = "model") -> list[Path]:
     """Write an in-memory state dict (import / export tools) through the same sharded writer."""
     specs = [TensorSpec(k, tuple(v.shape), output_dtype(v.dtype, dtype)) for k, v in state.items()]
-    w = ShardedWriter(out_dir, specs, max_bytes, metadata)
+    w = ShardedWriter(out_dir, specs, max_bytes, metadata, base)
     for k, v in state.items():
         w.add(k, v)
     return w.close()
