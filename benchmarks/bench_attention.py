@@ -28,8 +28,8 @@ from typing import Callable, Optional
 
 import torch
 
-from common import (device_name, dump_json, fmt, free_memory, is_oom, markdown_table, release,  # noqa: I100
-                    time_fn)
+from common import (allow_recompiles, device_name, dump_json, fmt, free_memory, is_oom,  # noqa: I100
+                    markdown_table, release, time_fn)
 from dualforce_mega.models.attention import (MaskSpec, _flash_attn_func, _flex, _mask_mod, _sdpa,
                                              block_attention, flex_block_mask_from_blocks, prefix_plan)
 
@@ -204,15 +204,6 @@ def bench_mask_build(frames: int, args: argparse.Namespace, device: torch.device
         release(device)
         return MaskRow(frames, n, None, block_ms, "token-level OOM")
     return MaskRow(frames, n, token_ms, block_ms)
-
-
-def allow_recompiles(n_shapes: int) -> None:
-    """flex is compiled once per (shape, heads); past dynamo's default limit it would run eagerly."""
-    from torch._dynamo import config as dynamo_config
-
-    key = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
-    # two graphs per shape (forward, and the mask-build / backward variants), plus slack
-    setattr(dynamo_config, key, max(getattr(dynamo_config, key), 4 * n_shapes))
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:

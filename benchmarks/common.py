@@ -122,3 +122,21 @@ def device_name(device: torch.device) -> str:
         cap = torch.cuda.get_device_capability(device)
         return f"{torch.cuda.get_device_name(device)} (sm_{cap[0]}{cap[1]}), torch {torch.__version__}"
     return f"CPU ({torch.get_num_threads()} threads), torch {torch.__version__}"
+
+
+def allow_recompiles(n_shapes: int) -> None:
+    """flex is compiled once per attention shape; past dynamo's default limit it would run eagerly."""
+    from torch._dynamo import config as dynamo_config
+
+    key = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+    # forward and backward graphs per shape, with slack for the masks' variants
+    setattr(dynamo_config, key, max(getattr(dynamo_config, key), 4 * n_shapes))
+
+
+def matmul_peak_tflops(device: torch.device, dtype: torch.dtype, n: int, warmup: int, iters: int) -> float:
+    """Measured dense matmul throughput (n x n x n), the MFU denominator."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    ms = time_fn(lambda: torch.mm(a, b), device, warmup, iters).median_ms
+    return 2.0 * n ** 3 / (ms * 1e-3) / 1e12
