@@ -64,11 +64,22 @@ class AudioCrossAttention(nn.Module):
         b, l, h, d = q.shape
         g, wa = idx.shape
         groups = audio.groups
-        if groups.per_group is not None and l == g * groups.per_group:
-            qg = q.reshape(b * g, groups.per_group, h, d)
-            kg, vg = kw.reshape(b * g, wa, h, d), vw.reshape(b * g, wa, h, d)
-            mask = valid[None, :, None, None, :].expand(b, g, 1, 1, wa).reshape(b * g, 1, 1, wa)
-            keep = any_valid[None, :, None].expand(b, g, groups.per_group).reshape(b, l)
+        lead = 0
+        if groups.per_group is not None:
+            # whole groups of per_group tokens; a slice of them (sequence-parallel shard) is padded
+            # to whole groups first, so each group's tokens share one window (<= 2 extra groups)
+            pg = groups.per_group
+            first, lead = divmod(groups.start, pg)
+            n = -(-(lead + l) // pg)
+            sel = torch.arange(first, first + n, device=x.device).clamp_max(g - 1)
+            if n != g or first != 0:
+                kw, vw, valid, any_valid = kw[:, sel], vw[:, sel], valid[sel], any_valid[sel]
+            if lead or n * pg != l:
+                q = torch.nn.functional.pad(q, (0, 0, 0, 0, lead, n * pg - lead - l))
+            qg = q.reshape(b * n, pg, h, d)
+            kg, vg = kw.reshape(b * n, wa, h, d), vw.reshape(b * n, wa, h, d)
+            mask = valid[None, :, None, None, :].expand(b, n, 1, 1, wa).reshape(b * n, 1, 1, wa)
+            keep = any_valid[None, :, None].expand(b, n, pg).reshape(b, n * pg)
         else:  # non-uniform groups: one window per token
             tok = groups.group.to(x.device)
             qg = q.reshape(b * l, 1, h, d)
@@ -77,6 +88,7 @@ class AudioCrossAttention(nn.Module):
             keep = any_valid[tok][None].expand(b, l)
         out = torch.nn.functional.scaled_dot_product_attention(
             qg.transpose(1, 2), kg.transpose(1, 2), vg.transpose(1, 2), attn_mask=mask)
-        out = out.transpose(1, 2).reshape(b, l, h * d) * keep.unsqueeze(-1).to(q.dtype)
+        out = out.transpose(1, 2).reshape(b, -1, h * d) * keep.unsqueeze(-1).to(q.dtype)
+        out = out[:, lead:lead + l]
         y = self.attn.o(out)
         return (x.float() + torch.tanh(self.gate.float()) * y.float()).to(x.dtype)

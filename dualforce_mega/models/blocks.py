@@ -5,7 +5,7 @@ Parameter names follow Wan2.1 (``self_attn.q``, ``norm_q``, ``cross_attn``, ``no
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Protocol
 
 import torch
 import torch.nn as nn
@@ -17,12 +17,21 @@ from .layers import FeedForward, FP32LayerNorm, RMSNorm, TokenGroups
 from .rope import apply_rope
 
 
+class SequenceParallelAttend(Protocol):
+    """Hook for a block-causal attention whose video tokens are sharded over a sequence-parallel
+    group (``dualforce_mega.parallel.sequence_parallel`` installs implementations)."""
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: MaskSpec,
+                 backend: str) -> torch.Tensor: ...
+
+
 class Attention(nn.Module):
     """Multi-head attention with QK RMSNorm and optional RoPE on either side.
 
     Self-attention when ``context`` is None, cross-attention otherwise. With a ``MaskSpec`` it is
     block-causal; with a ``KVCache`` the keys of finished blocks are read from (and, in a writing
-    pass, appended to) the cache under ``cache_name``.
+    pass, appended to) the cache under ``cache_name``. ``sequence_parallel`` (None = off) replaces
+    the block-causal call by one that communicates across the sequence-parallel group.
     """
 
     def __init__(self, dim: int, heads: int, qk_norm: bool = True, eps: float = 1e-6,
@@ -32,6 +41,7 @@ class Attention(nn.Module):
         self.heads = heads
         self.backend = backend
         self.cache_name = ""  # set by the model; unique per layer
+        self.sequence_parallel: Optional[SequenceParallelAttend] = None
         self.q = nn.Linear(dim, dim)
         self.k = nn.Linear(kv_dim, dim)
         self.v = nn.Linear(kv_dim, dim)
@@ -62,6 +72,10 @@ class Attention(nn.Module):
                cache: Optional[KVCache]) -> torch.Tensor:
         if spec is None:
             return dense_attention(q, k, v)
+        if self.sequence_parallel is not None:
+            if cache is not None:
+                raise ValueError(f"{self.cache_name}: KV-cache inference does not run sequence-parallel")
+            return self.sequence_parallel(q, k, v, spec, self.backend)
         if cache is not None:
             prev = cache.get(self.cache_name)
             if cache.writing:

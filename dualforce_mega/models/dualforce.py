@@ -7,7 +7,7 @@ KV-cache inference (a chunk of frames at absolute ``frame_ids``) and the sliding
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Protocol
 
 import torch
 import torch.nn as nn
@@ -19,7 +19,7 @@ from .blocks import Attention
 from .bridge import BridgeLayer
 from .heads import AuxHeads
 from .kv_cache import KVCache
-from .layout import Layout, StreamLayout, audio_window_index, build_layout
+from .layout import Layout, StreamLayout, audio_window_index, build_layout, shard_video
 from .struct_dit import StructDiT
 from .video_dit import VideoDiT
 
@@ -33,6 +33,17 @@ class DualForceOutput:
     lip_audio: Optional[torch.Tensor] = None   # [B, F, lipsync_dim] per latent frame
 
 
+class SequenceParallelGroup(Protocol):
+    """The model's view of its sequence-parallel group (installed by
+    ``dualforce_mega.parallel.sequence_parallel.apply_sequence_parallel``)."""
+    rank: int
+    size: int
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """All-gather ``x`` [B, L_shard, ...] along dim 1 (backward: reduce-scatter of the gradient)."""
+        ...
+
+
 class DualForceModel(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -44,6 +55,9 @@ class DualForceModel(nn.Module):
             else nn.ModuleList()
         self.aux = AuxHeads(cfg) if cfg.struct_tower else None
         self.gradient_checkpointing = False
+        # None = off. Otherwise each rank of the group runs its shard of the video tokens; the struct
+        # stream, audio and text are replicated, and every rank returns the full outputs.
+        self.sequence_parallel: Optional[SequenceParallelGroup] = None
         self.reset_parameters()
         for name, m in self.named_modules():
             if isinstance(m, Attention):
@@ -85,8 +99,14 @@ class DualForceModel(nn.Module):
             raise ValueError(f"window_blocks={window_blocks} differs from the cache's window {cache.window}")
         window = cache.window if cache is not None else window_blocks
         use_struct = self.struct is not None and struct is not None
-        xv, grid = self.video.embed(video_latent)
-        layout = build_layout(cfg, frame_ids.cpu(), grid[1:], use_struct, window, xv.device)
+        sp = self.sequence_parallel
+        if sp is None:
+            xv, grid = self.video.embed(video_latent)
+            layout = build_layout(cfg, frame_ids.cpu(), grid[1:], use_struct, window, xv.device)
+        else:
+            if cache is not None:
+                raise ValueError("cache: KV-cache inference does not run sequence-parallel")
+            xv, grid, layout = self._embed_shard(video_latent, frame_ids, use_struct, window, sp)
         e_v, e0_v = self.video.modulation(sigma_video)
         text = self.video.text_embedding(text_emb.to(xv.dtype)) \
             if text_emb is not None and self.video.text_embedding is not None else None
@@ -123,12 +143,40 @@ class DualForceModel(nn.Module):
             else:
                 xv, xs = layer(xv, xs)
 
-        out = DualForceOutput(video=self.video.unembed(self.video.head(xv, e_v, layout.video.groups), grid))
+        tokens = self.video.head(xv, e_v, layout.video.groups)
+        if sp is not None:
+            # out_channels * patch values per token, far less than the hidden state: gathering them
+            # lets every rank return the full prediction (the loss needs no sharding)
+            tokens = sp.gather(tokens)[:, :layout.shard.tokens]
+        out = DualForceOutput(video=self.video.unembed(tokens, grid))
         if use_struct:
             out.struct = self.struct.head(xs, e_s, layout.struct.groups)
             if return_aux:
                 self.aux.fill(out, struct, sigma_struct, layout, audio)
         return out
+
+    def _embed_shard(self, video_latent: torch.Tensor, frame_ids: torch.Tensor, use_struct: bool, window: int,
+                     sp: SequenceParallelGroup) -> tuple[torch.Tensor, tuple[int, int, int], Layout]:
+        """This rank's video tokens [B, shard length, dim] (zero rows for padding), grid, shard layout.
+
+        Only the latent frames the shard touches are embedded; every rank calls the embedding
+        (ZeRO-3 gathers its weights collectively), even one whose shard is all padding.
+        """
+        _, ph, pw = self.video.patch_size
+        f, hh, ww = video_latent.shape[2:]
+        grid = (f, hh // ph, ww // pw)
+        hw = grid[1] * grid[2]
+        layout = shard_video(build_layout(self.cfg, frame_ids.cpu(), grid[1:], use_struct, window,
+                                          video_latent.device), sp.rank, sp.size)
+        shard = layout.shard
+        first = min(shard.start, shard.tokens - 1) // hw
+        last = (shard.start + shard.real - 1) // hw if shard.real else first
+        x, _ = self.video.embed(video_latent[:, :, first:last + 1])
+        offset = shard.start - first * hw
+        x = x[:, offset:offset + shard.real]
+        if shard.real < shard.length:
+            x = torch.cat([x, x.new_zeros(x.shape[0], shard.length - shard.real, x.shape[2])], dim=1)
+        return x, grid, layout
 
     def _audio_context(self, tower, stream: StreamLayout, audio: Optional[torch.Tensor]
                        ) -> Optional[AudioContext]:

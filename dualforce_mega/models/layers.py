@@ -77,10 +77,14 @@ class TokenGroups:
 
     ``group`` [L] is each token's group (frame) index into a per-frame tensor. When every group
     owns ``per_group`` consecutive tokens, per-frame tensors broadcast without a gather.
+    ``start`` > 0 (or fewer tokens than ``num_groups * per_group``) marks a contiguous slice of such a
+    uniform sequence beginning at token ``start`` (a sequence-parallel shard): per-frame tensors then
+    take the gather path, and the audio cross-attention re-pads the slice to whole groups.
     """
     group: torch.Tensor
     num_groups: int
     per_group: Optional[int] = None
+    start: int = 0
 
     @staticmethod
     def uniform(num_groups: int, per_group: int, device: torch.device) -> "TokenGroups":
@@ -89,15 +93,19 @@ class TokenGroups:
 
     def expand(self, per_frame: torch.Tensor) -> torch.Tensor:
         """[B, G, ...] -> [B, L, ...] (a view when groups are uniform)."""
-        if self.per_group is not None and self.group.numel() == self.num_groups * self.per_group:
+        if self.is_uniform(self.group.numel()):
             b, g = per_frame.shape[:2]
             rest = per_frame.shape[2:]
             return per_frame.unsqueeze(2).expand(b, g, self.per_group, *rest).reshape(b, g * self.per_group, *rest)
         return per_frame[:, self.group]
 
+    def is_uniform(self, num_tokens: int) -> bool:
+        """True when ``num_tokens`` tokens are exactly ``num_groups`` whole groups of ``per_group``."""
+        return self.per_group is not None and self.start == 0 and num_tokens == self.num_groups * self.per_group
+
     def _views(self, x: torch.Tensor, per_frame: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """x [B, L, D] and per_frame [B, G, D] as broadcast-compatible views (no copy when uniform)."""
-        if self.per_group is not None and x.shape[1] == self.num_groups * self.per_group:
+        if self.is_uniform(x.shape[1]):
             return x.unflatten(1, (self.num_groups, self.per_group)), per_frame.unsqueeze(2), True
         return x, per_frame[:, self.group], False
 
@@ -116,8 +124,15 @@ class TokenGroups:
         return (x.float() + out).to(x.dtype)
 
     def narrow(self, start: int, length: int) -> "TokenGroups":
-        """The groups of a contiguous token slice (sequence-parallel shards)."""
-        return TokenGroups(self.group[start:start + length], self.num_groups, None)
+        """The groups of the contiguous token slice ``[start, start + length)`` (sequence-parallel shards).
+
+        Tokens past the end (padding of the last shard) belong to the last group.
+        """
+        total = self.group.numel()
+        idx = torch.arange(start, start + length, device=self.group.device).clamp_max(max(total - 1, 0))
+        if self.per_group is not None and self.start == 0 and total == self.num_groups * self.per_group:
+            return TokenGroups(self.group[idx], self.num_groups, self.per_group, start)
+        return TokenGroups(self.group[idx], self.num_groups, None)
 
 
 def zero_module(m: nn.Module) -> nn.Module:

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from ..config import ModelConfig
-from .attention import MaskSpec
+from .attention import PAD_BLOCK, MaskSpec
 from .audio import audio_windows
 from .layers import TokenGroups
 from .rope import rope_angles, video_axis_dims, video_positions
@@ -44,6 +44,34 @@ class StreamLayout:
     key: tuple                    # hashable description (mask caches)
 
 
+@dataclass(frozen=True)
+class VideoShard:
+    """One rank's contiguous slice of the video token sequence under sequence parallelism.
+
+    The ``tokens`` real tokens are padded to ``padded`` (a multiple of ``size``); rank r holds tokens
+    ``[start, start + length)`` of the padded sequence, the first ``real`` of them real.
+    """
+    rank: int
+    size: int
+    tokens: int
+
+    @property
+    def length(self) -> int:
+        return -(-self.tokens // self.size)
+
+    @property
+    def padded(self) -> int:
+        return self.length * self.size
+
+    @property
+    def start(self) -> int:
+        return self.rank * self.length
+
+    @property
+    def real(self) -> int:
+        return max(0, min(self.length, self.tokens - self.start))
+
+
 @dataclass
 class Layout:
     frame_ids: torch.Tensor
@@ -51,10 +79,55 @@ class Layout:
     struct: Optional[StreamLayout]
     window: int
     sink: int
+    # sequence parallelism (``shard_video``): ``video`` is this rank's shard; the full padded
+    # sequence's block ids (padding = PAD_BLOCK) describe gathered video keys
+    shard: Optional[VideoShard] = None
+    video_full_blocks: Optional[torch.Tensor] = None
+    video_full_key: tuple = ()
+
+    def _side(self, name: str, full: bool) -> tuple[torch.Tensor, tuple]:
+        if name == "video" and full and self.shard is not None:
+            return self.video_full_blocks, self.video_full_key
+        stream = getattr(self, name)
+        return stream.blocks, stream.key
 
     def spec(self, q: str, k: str) -> MaskSpec:
-        qs, ks = getattr(self, q), getattr(self, k)
-        return MaskSpec(qs.blocks, ks.blocks, self.window, self.sink, key=(q, k) + qs.key + ks.key)
+        """Mask of attention from stream ``q`` to stream ``k``.
+
+        Under sequence parallelism video keys are always the full padded sequence (all-to-all in
+        video self-attention, all-gather in the struct->video bridge); video queries are the local
+        shard, except in video self-attention where the all-to-all gives each rank every token.
+        """
+        qb, qkey = self._side(q, full=(q == k))
+        kb, kkey = self._side(k, full=True)
+        return MaskSpec(qb, kb, self.window, self.sink, key=(q, k) + qkey + kkey)
+
+
+def shard_video(layout: Layout, rank: int, size: int) -> Layout:
+    """The layout of rank ``rank``'s shard of the video tokens (sequence parallelism of ``size``).
+
+    Padding tokens get block id ``PAD_BLOCK`` (no real query ever sees them), zero RoPE angles and
+    the last frame's group (their outputs are dropped).
+    """
+    v = layout.video
+    shard = VideoShard(rank, size, v.blocks.numel())
+    start, length, pad = shard.start, shard.length, shard.padded - shard.tokens
+
+    def rows(t: torch.Tensor) -> torch.Tensor:
+        return torch.cat([t, t.new_zeros((pad,) + t.shape[1:])])[start:start + length]
+
+    full_blocks = torch.cat([v.blocks, v.blocks.new_full((pad,), PAD_BLOCK)])
+    video = StreamLayout(
+        blocks=full_blocks[start:start + length],
+        groups=v.groups.narrow(start, length),
+        angles=rows(v.angles),
+        bridge_angles=rows(v.bridge_angles),
+        audio_spans=v.audio_spans,
+        audio_groups=v.audio_groups.narrow(start, length),
+        key=v.key + ("sp", rank, size),
+    )
+    return Layout(layout.frame_ids, video, layout.struct, layout.window, layout.sink, shard=shard,
+                  video_full_blocks=full_blocks, video_full_key=v.key + ("padded", shard.padded))
 
 
 def build_layout(cfg: ModelConfig, frame_ids: torch.Tensor, grid_hw: tuple[int, int], with_struct: bool,
