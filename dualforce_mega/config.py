@@ -11,8 +11,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
-import yaml
-
 
 class ConfigError(ValueError):
     """A configuration problem; the message always names the key at fault."""
@@ -201,6 +199,7 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
     if isinstance(value, _CliText):
         if hint is str:  # keep the text: YAML would read e.g. "on" as True and "1e3" as a string
             return str(value)
+        import yaml  # lazy here and below: benchmarks run on GPU machines that have only torch
         try:
             value = yaml.safe_load(value) if value != "" else ""
         except yaml.YAMLError as e:
@@ -213,6 +212,7 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
         return _coerce(key, args[0], value)
     if hint is tuple or origin is tuple:
         if isinstance(value, str):
+            import yaml
             value = yaml.safe_load(value if value.startswith("[") else f"[{value}]")
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
@@ -323,6 +323,8 @@ def build_config(yaml_dict: Optional[dict] = None, overrides: Optional[list[str]
 def _read_yaml(path: Path, seen: tuple = ()) -> dict:
     """Read a config file; a top-level ``base: other.yaml`` (relative to this file) is loaded first
     and this file's sections are merged over it key by key (ablations = base + a few keys)."""
+    import yaml
+
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     if path.resolve() in seen:
@@ -351,6 +353,8 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
 
 
 def save_config(cfg: Config, path: Union[str, Path]) -> None:
+    import yaml
+
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
