@@ -158,3 +158,26 @@ def test_narrowed_groups_match_the_full_grouping() -> None:
     assert torch.equal(part.modulate(x, shift, scale), ref)
     tail = full.narrow(28, 4)  # past the end: padding joins the last group
     assert tail.group.tolist() == [4, 4, 4, 4]
+
+
+def _groups_worker(rank: int, port: int) -> None:
+    from dualforce_mega.parallel.groups import destroy_groups, init_groups
+
+    _init(rank, port)
+    for impl in ("megatron", "torch"):
+        g = init_groups(2, impl=impl)
+        assert (g.impl, g.dp_rank, g.dp_size, g.sp_rank, g.sp_size) == (impl, 0, 1, rank, 2)
+        t = torch.tensor([float(rank + 1)])
+        dist.all_reduce(t, group=g.sp_group)   # the SP group holds both ranks
+        assert t.item() == 3.0
+        assert dist.get_process_group_ranks(g.dp_group) == [rank]
+        destroy_groups(g)
+    g = init_groups(1)
+    assert (g.dp_rank, g.dp_size, g.sp_size, g.sp_group) == (rank, 2, 1, None)
+    with pytest.raises(ValueError, match=r"parallel\.sp=3 must divide the world size 2"):
+        init_groups(3)
+    dist.destroy_process_group()
+
+
+def test_groups_megatron_and_torch_build_the_same_layout() -> None:
+    _spawn(_groups_worker)
