@@ -25,7 +25,7 @@ import torch
 
 from common import (allow_recompiles, device_name, dump_json, fmt, is_oom, markdown_table,  # noqa: I100
                     matmul_peak_tflops, release, time_fn)
-from dualforce_mega.config import Config, build_config
+from dualforce_mega.config import Config, model_preset
 from dualforce_mega.diffusion.objective import DiffusionForcingObjective
 from dualforce_mega.flops import forward_flops
 from dualforce_mega.models import DualForceModel
@@ -56,13 +56,15 @@ class StepRow:
 
 def phase_config(args: argparse.Namespace, phase: int, fp8: bool, frames: int, checkpointing: bool,
                  backend: str = "") -> Config:
-    overrides = [f"model.preset={args.preset}", f"train.phase={phase}", f"train.fp8={str(fp8).lower()}",
-                 f"train.fp8_recipe={args.fp8_recipe}", f"train.micro_batch={args.batch}",
-                 f"train.global_batch={args.batch}", f"data.window={frames}", f"data.synthetic_frames={frames}",
-                 f"train.activation_checkpointing={str(checkpointing).lower()}"]
-    if backend:
-        overrides.append(f"model.attn_backend={backend}")
-    return apply_phase(build_config({}, overrides))
+    """The trainer's config for this run, built from the dataclasses (no YAML: only torch needed)."""
+    cfg = Config()
+    cfg.model = model_preset(args.preset, **({"attn_backend": backend} if backend else {}))
+    t = cfg.train
+    t.phase, t.fp8, t.fp8_recipe = phase, fp8, args.fp8_recipe
+    t.micro_batch = t.global_batch = args.batch
+    t.activation_checkpointing = checkpointing
+    cfg.data.window = cfg.data.synthetic_frames = frames
+    return apply_phase(cfg)  # validates
 
 
 def random_batch(cfg: Config, batch: int, frames: int, hw: int, text_tokens: int, device: torch.device
