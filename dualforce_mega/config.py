@@ -99,6 +99,7 @@ class DataConfig:
     synthetic_frames: int = 6             # latent frames per synthetic clip
     synthetic_shards: int = 4
     synthetic_dir: str = ""               # default: <run.dir>/synthetic_shards
+    verify_checksums: bool = True         # loader checks each sample's CRC32 (catches flipped tensor bytes)
 
 
 @dataclass

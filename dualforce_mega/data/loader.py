@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 STATE_FORMAT = 1
 # fields of the saved state that must match for the continued stream to be the same stream
 _LAYOUT_FIELDS = ("seed", "dp_rank", "dp_size", "num_streams", "window", "micro_batch", "shuffle_buffer",
-                  "keep_text", "shards")
+                  "keep_text", "verify_checksums", "shards")
 
 
 @dataclass
@@ -75,7 +75,7 @@ class ShardLoader:
         self.workers = d.workers
         self.spec = StreamSpec(seed=d.seed, dp_rank=dp_rank, dp_size=dp_size, num_streams=max(1, d.workers),
                                window=d.window, micro_batch=cfg.train.micro_batch, shuffle_buffer=d.shuffle_buffer,
-                               keep_text=cfg.model.text_dim > 0)
+                               keep_text=cfg.model.text_dim > 0, verify_checksums=d.verify_checksums)
         n, need = len(self.shard_set.shards), dp_size * self.spec.num_streams
         if n < need:
             raise ShardSetError(
@@ -141,7 +141,8 @@ class ShardLoader:
         return {"seed": self.spec.seed, "dp_rank": self.spec.dp_rank, "dp_size": self.spec.dp_size,
                 "num_streams": self.spec.num_streams, "window": self.spec.window,
                 "micro_batch": self.spec.micro_batch, "shuffle_buffer": self.spec.shuffle_buffer,
-                "keep_text": self.spec.keep_text, "shards": hashlib.sha1(names.encode()).hexdigest()}
+                "keep_text": self.spec.keep_text, "verify_checksums": self.spec.verify_checksums,
+                "shards": hashlib.sha1(names.encode()).hexdigest()}
 
     def state_dict(self) -> dict[str, Any]:
         return {"format": STATE_FORMAT, **self._layout(),

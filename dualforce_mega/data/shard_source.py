@@ -22,6 +22,8 @@ from .shard_writer import INDEX_NAME
 log = logging.getLogger(__name__)
 
 _SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+# large sequential reads: shards are streamed front to back (tarfile itself reads in 10 KiB records)
+READ_BUFFER_BYTES = 4 << 20
 
 
 class ShardSetError(ValueError):
@@ -146,7 +148,7 @@ def read_shard(ref: ShardRef, counters: ReadCounters, report: bool) -> Iterator[
         failed = True
         return True  # keep going with the next shard
 
-    opened = url_opener([{"url": ref.url}], handler=handler)
+    opened = url_opener([{"url": ref.url}], handler=handler, bufsize=READ_BUFFER_BYTES)
     files = tar_file_expander(opened, handler=handler)
     seen = 0
     for sample in group_by_keys(files, handler=handler):
