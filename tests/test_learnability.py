@@ -8,8 +8,8 @@ import torch
 from dualforce_mega.config import build_config, model_preset
 from dualforce_mega.data.synthetic import STRUCT_NOISE, make_synthetic_clip
 from dualforce_mega.models.layout import num_video_frames
-from dualforce_mega.training.single_process import (synthetic_clips, train_single_process, window_batches,
-                                                    window_clip)
+from dualforce_mega.data.schema import to_storage, validate_sample
+from dualforce_mega.training.single_process import synthetic_clips, train_single_process, window_batches
 
 
 def test_synthetic_clip_schema_and_determinism():
@@ -71,20 +71,27 @@ def test_synthetic_modalities_share_structure():
     assert r2(audio[perm], expr[:, :1]) < 0.2
 
 
-def test_window_clip_follows_the_interface():
+def test_synthetic_clip_passes_the_shard_schema():
     m = model_preset("tiny")
-    tensors, _ = make_synthetic_clip(0, 6, (4, 4), m, seed=0)
-    t0, w = 2, 3
-    win = window_clip(tensors, t0, w, m)
-    n = num_video_frames(w, m.vae_temporal_stride)
-    assert torch.equal(win["video_latent"], tensors["video_latent"][:, t0:t0 + w])
-    assert torch.equal(win["struct"], tensors["struct"][4 * t0:4 * (t0 + w - 1) + 1])
-    assert torch.equal(win["flame"], tensors["flame"][4 * t0:4 * (t0 + w - 1) + 1])
-    assert torch.equal(win["audio"], tensors["audio"][2 * 4 * t0:2 * (4 * (t0 + w - 1) + 1)])
-    assert win["struct"].shape[0] == n and win["audio"].shape[0] == 2 * n
-    assert torch.equal(win["kp_canonical"], tensors["kp_canonical"])
-    with pytest.raises(ValueError, match="outside"):
-        window_clip(tensors, 4, w, m)
+    for frames in (1, 4):
+        tensors, meta = make_synthetic_clip(2, frames, (4, 6), m, seed=1)
+        assert validate_sample(to_storage(tensors), meta, m, key=meta["key"]) == frames
+
+
+def test_windows_come_from_their_clips():
+    cfg = build_config({}, ["data.synthetic_clips=3", "data.synthetic_frames=5", "data.window=3",
+                            "data.latent_height=4", "data.latent_width=4"])
+    clips = synthetic_clips(cfg)
+    batch = next(window_batches(clips, cfg, 4))
+    n = num_video_frames(3, cfg.model.vae_temporal_stride)
+    assert batch["video_latent"].shape == (4, 16, 3, 4, 4) and batch["struct"].shape == (4, n, 70)
+    assert batch["audio"].shape == (4, 2 * n, cfg.model.audio_dim)
+    for i, key in enumerate(batch["__key__"]):
+        t0 = int(key.rsplit("@", 1)[1])
+        clip = next(t for t, meta in clips if key.startswith(meta["key"] + "@"))
+        assert torch.equal(batch["video_latent"][i], clip["video_latent"][:, t0:t0 + 3])
+        assert torch.equal(batch["struct"][i], clip["struct"][4 * t0:4 * t0 + n])
+        assert torch.equal(batch["audio"][i], clip["audio"][8 * t0:8 * t0 + 2 * n])
 
 
 def test_single_process_is_deterministic():

@@ -208,6 +208,7 @@ def make_synthetic_clip(index: int, num_latent_frames: int, latent_hw: tuple[int
     meta = {
         "key": f"synthetic_{seed}_{index:08d}",
         "source": "synthetic",
+        "source_dataset": "synthetic",
         "subject": f"synthetic_subject_{subject:06d}",
         "split": "train",
         "gender": ("female", "male")[gender],

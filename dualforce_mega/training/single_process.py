@@ -3,7 +3,7 @@
     python -m dualforce_mega.training.single_process --steps 200 --set train.lr=1e-3 --set data.window=3
 
 builds the configured model, draws in-memory synthetic clips (``data.synthetic_*``), cuts random
-windows as documented in docs/INTERFACES.md (Batches), and runs AdamW on the Diffusion Forcing
+windows with ``data.windowing.slice_window`` (docs/INTERFACES.md, Batches), and runs AdamW on the Diffusion Forcing
 objective, logging every ``train.log_every`` steps. Each optimizer step takes one batch of
 ``train.global_batch`` samples (no gradient accumulation).
 """
@@ -16,42 +16,15 @@ from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
 
-from ..config import Config, ModelConfig, load_config
+from ..config import Config, load_config
+from ..data.schema import ShardSchema
 from ..data.synthetic import make_synthetic_clip
+from ..data.windowing import slice_window
 from ..diffusion.noise import mix_seed, sample_seeds
 from ..diffusion.objective import DiffusionForcingObjective
 from ..models import DualForceModel
-from ..models.layout import num_video_frames
 
 log = logging.getLogger(__name__)
-
-# tensors of a clip that are cut along time; the others (kp_canonical, text_emb) are per clip
-TIME_KEYS = ("video_latent", "struct", "flame", "audio")
-
-
-def window_clip(tensors: dict[str, torch.Tensor], t0: int, window: int, model_cfg: ModelConfig
-                ) -> dict[str, torch.Tensor]:
-    """The window of ``window`` latent frames starting at latent frame ``t0`` of a full clip.
-
-    struct/flame take video frames 4*t0 .. 4*(t0+W-1) (the first window frame maps to one video
-    frame, the last of its span); audio takes the matching ``audio_rate / fps`` frames per video frame.
-    """
-    stride = model_cfg.vae_temporal_stride
-    per_frame = model_cfg.audio_rate // model_cfg.fps
-    total = tensors["video_latent"].shape[1]
-    if not 0 <= t0 <= total - window:
-        raise ValueError(f"window_clip: window [{t0}, {t0 + window}) outside a clip of {total} latent frames")
-    v0 = stride * t0
-    n = num_video_frames(window, stride)
-    out = dict(tensors)
-    out["video_latent"] = tensors["video_latent"][:, t0:t0 + window]
-    for key in ("struct", "flame"):
-        if key in tensors:
-            out[key] = tensors[key][v0:v0 + n]
-    if "audio" in tensors:
-        out["audio"] = tensors["audio"][per_frame * v0:per_frame * (v0 + n)]
-    return out
-
 
 def collate(samples: Sequence[dict[str, torch.Tensor]], keys: Sequence[str], indices: Sequence[int]) -> dict:
     batch: dict = {k: torch.stack([s[k] for s in samples]).float() for k in samples[0]}
@@ -73,6 +46,8 @@ def window_batches(clips: Sequence[tuple[dict[str, torch.Tensor], dict]], cfg: C
     Sample ``i`` of the stream (its ``__index__``) picks its clip and window start from its own seed.
     """
     window = cfg.data.window
+    schema = ShardSchema.from_model(cfg.model)
+    keep_text = cfg.model.text_dim > 0
     index = 0
     while True:
         samples, keys, indices = [], [], []
@@ -81,7 +56,7 @@ def window_batches(clips: Sequence[tuple[dict[str, torch.Tensor], dict]], cfg: C
             tensors, meta = clips[int(torch.randint(len(clips), (1,), generator=g))]
             frames = tensors["video_latent"].shape[1]
             t0 = int(torch.randint(frames - window + 1, (1,), generator=g))
-            samples.append(window_clip(tensors, t0, window, cfg.model))
+            samples.append(slice_window(tensors, t0, window, schema, keep_text))
             keys.append(f"{meta.get('key', index)}@{t0}")
             indices.append(index)
             index += 1
