@@ -13,9 +13,10 @@ import torch
 from data_tools.make_synthetic_shards import write_shards
 from dualforce_mega.config import Config, build_config, model_preset
 from dualforce_mega.data.loader import ShardLoader, build_loader
-from dualforce_mega.data.schema import ShardSchema
+from dualforce_mega.data.schema import ShardSchema, to_storage
 from dualforce_mega.data.shard_source import ShardSetError
 from dualforce_mega.data.shard_writer import INDEX_NAME, ShardWriter
+from dualforce_mega.data.synthetic import make_synthetic_clip
 from dualforce_mega.data.windowing import window_slices
 
 SHARDS, PER_SHARD, FRAMES, HW = 8, 3, 5, (4, 4)
@@ -56,21 +57,23 @@ def keys(batches: list[dict[str, Any]]) -> list[str]:
 def test_resume_is_exact_with_two_ranks_and_two_workers(shard_dir: Path) -> None:
     # per rank: 4 shards x 3 clips = 12 samples per epoch = 6 batches of 2; 9 batches cross an epoch
     cfg = config(shard_dir, **{"data.workers": 2, "train.micro_batch": 2})
-    total, k = 9, 3  # k odd: the next batch is due from worker stream 1, not 0
+    total, cuts = 9, (3, 6)  # 3 is odd: the next batch is due from worker stream 1, not 0
     for rank in range(2):
         ref = build_loader(cfg, rank, 2)
         full = take(ref, total)
-        first = build_loader(cfg, rank, 2)
-        head = take(first, k)
-        state = json.loads(json.dumps(first.state_dict()))  # must survive a JSON round trip
-        first.close()
-        resumed = build_loader(cfg, rank, 2)
-        resumed.load_state_dict(state)
-        tail = take(resumed, total - k)
-        assert_same_batches(full, head + tail)
-        assert ref.stats == resumed.stats
+        seen, state, done = [], None, 0
+        for stop in cuts + (total,):  # two restarts, each into a NEW loader
+            loader = build_loader(cfg, rank, 2)
+            if state is not None:
+                loader.load_state_dict(state)
+            seen += take(loader, stop - done)
+            state = json.loads(json.dumps(loader.state_dict()))  # must survive a JSON round trip
+            done = stop
+            loader.close()
+        assert_same_batches(full, seen)
+        assert ref.stats == loader.stats
         assert [i for b in full for i in b["__index__"].tolist()] == [rank + 2 * i for i in range(2 * total)]
-        ref.close(), resumed.close()
+        ref.close()
 
 
 def test_same_rank_identical_and_ranks_disjoint_per_epoch(shard_dir: Path) -> None:
@@ -177,6 +180,26 @@ def test_windows_follow_the_slicing_rule(tmp_path: Path) -> None:
     assert len(starts) > 1  # windows really are random
     s = window_slices(2, 3, ShardSchema.from_model(cfg.model))
     assert (s.latent, s.video_frames, s.audio) == (slice(2, 5), slice(8, 17), slice(16, 34))
+
+
+def test_batches_bucket_equal_shapes_and_text_follows_the_model(tmp_path: Path) -> None:
+    sizes = [(4, 4), (4, 6)]
+    cfg = config(tmp_path, **{"train.micro_batch": 2})
+    with ShardWriter(tmp_path, cfg.model, max_shard_samples=5) as w:
+        for i in range(10):
+            t, m = make_synthetic_clip(i, FRAMES, sizes[i % 2], cfg.model, seed=0)
+            w.write(f"clip_{i}", to_storage(t), {**m, "source_dataset": "synthetic"})
+    loader = build_loader(cfg, 0, 1)
+    seen = []
+    for batch in take(loader, 4):  # 5 clips of each size -> 2 full batches each, 1 left over
+        hw = {tuple(batch["video_latent"].shape[-2:])}
+        assert len(hw) == 1 and hw <= set(sizes) and batch["text_emb"].shape[0] == 2
+        seen += batch["__key__"]
+    assert len(set(seen)) == 8
+    next(loader)
+    assert loader.stats["dropped_remainder"] == 2
+    no_text = build_config({}, [f"data.shards={tmp_path}", "model.text_dim=0", "train.micro_batch=2"])
+    assert "text_emb" not in next(build_loader(no_text, 0, 1))
 
 
 def test_clear_errors_for_bad_shard_sets(shard_dir: Path, tmp_path: Path) -> None:
