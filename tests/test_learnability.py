@@ -9,7 +9,7 @@ from dualforce_mega.config import build_config, model_preset
 from dualforce_mega.data.synthetic import STRUCT_NOISE, make_synthetic_clip
 from dualforce_mega.models.layout import num_video_frames
 from dualforce_mega.data.schema import to_storage, validate_sample
-from dualforce_mega.training.single_process import synthetic_clips, train_single_process, window_batches
+from dualforce_mega.training.single_process import main, synthetic_clips, train_single_process, window_batches
 
 
 def test_synthetic_clip_schema_and_determinism():
@@ -122,3 +122,12 @@ def test_tiny_model_learns_synthetic_clips():
     assert drop["loss"] > 0.30, drop
     for k, v in drop.items():
         assert v > 0.25, (k, drop)
+
+
+def test_cli_reports_first_and_last_losses(capsys):
+    main(["--steps", "4", "--tail", "2", "--set", "data.synthetic_clips=2", "--set", "data.latent_height=4",
+          "--set", "data.latent_width=4", "--set", "train.phase=2", "--set", "model.struct_tower=false",
+          "--set", "model.audio=false"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == ["loss", "loss_video"]
+    assert all("first2" in line and "last2" in line for line in lines)

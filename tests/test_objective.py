@@ -325,3 +325,14 @@ def test_full_model_all_losses_and_gradients():
                  "struct.head.head.weight"):
         grad = dict(model.named_parameters())[name].grad
         assert grad is not None and float(grad.abs().sum()) > 0, name
+
+
+def test_no_struct_stream_ablation_trains_video_with_audio():
+    """model.struct_tower=false in phase 4: audio still conditions the video; only the video loss exists."""
+    cfg = make_cfg("model.struct_tower=false")
+    obj = DiffusionForcingObjective(cfg)
+    inputs, t = obj.prepare(make_batch(cfg, batch=2), torch.arange(2))
+    assert set(inputs) == {"video_latent", "sigma_video", "audio", "text_emb"}
+    torch.manual_seed(0)
+    loss, metrics = obj.losses(DualForceModel(cfg.model)(**inputs, return_aux=True), t)
+    assert {k for k in metrics if not k.startswith("loss_video_sigma")} == {"loss", "loss_video"}
