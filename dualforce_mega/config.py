@@ -123,7 +123,7 @@ class TrainConfig:
     activation_checkpointing: bool = False
     fp8: bool = False
     fp8_recipe: str = "delayed"           # delayed | current
-    fp8_backend: str = "auto"             # auto (TE if importable, else torchao) | te | torchao
+    fp8_backend: str = "auto"             # auto (TE, else torchao, else torch._scaled_mm) | te | torchao | torch
     ema_decay: float = 0.0                # 0 = no EMA
 
 

@@ -12,13 +12,16 @@ Backends, chosen by ``train.fp8_backend``:
            E5M2 gradients). Wrap the forward in ``fp8_autocast(state)``.
   torchao  ``torchao.float8.convert_to_float8_training`` with dynamic tensor-wise scaling (torchao has
            no delayed scaling; both recipes map to it). Needs no context manager.
-  auto     te when ``transformer_engine`` imports, else torchao.
+  torch    ``fp8_torch.TorchFP8Linear``: the same tensor-wise current scaling on ``torch._scaled_mm``
+           alone, for machines with neither package.
+  auto     te when ``transformer_engine`` imports, else torchao, else torch.
 
 Dimension policy: FP8 GEMMs need the feature dims (in and out) to be multiples of 16. A linear whose
 feature dims are not is skipped and logged (every linear of the shipped presets qualifies). The
 token dim varies per batch (struct stream: 1 + 4(F-1) tokens) and is handled inside each backend:
-torchao pads the inner GEMM dim (``pad_inner_dim``); for TE the token rows are zero-padded to a
-multiple of 16 and the padding sliced off (zero rows add nothing to the weight gradient).
+torchao pads the inner GEMM dim (``pad_inner_dim``), the torch backend pads the tokens of its wgrad
+GEMM, and for TE the token rows are zero-padded to a multiple of 16 and the padding sliced off (zero
+rows add nothing to the weight gradient).
 
 FP8 is switched off, with a log line saying so, without CUDA or below compute capability 8.9.
 """
@@ -35,11 +38,12 @@ import torch.nn.functional as F
 
 from ..config import Config, ConfigError
 from .blocks import Attention
+from .fp8_torch import TorchFP8Linear
 from .layers import FeedForward
 
 log = logging.getLogger(__name__)
 
-FP8_BACKENDS = ("auto", "te", "torchao")
+FP8_BACKENDS = ("auto", "te", "torchao", "torch")
 FP8_RECIPES = ("delayed", "current")
 # FP8 tensor-core GEMMs (cuBLASLt / TE) need feature dims that are multiples of this.
 FP8_DIM_MULTIPLE = 16
@@ -50,7 +54,7 @@ FP8_MIN_CAPABILITY = (8, 9)
 @dataclass
 class FP8State:
     """What ``apply_fp8`` did; ``fp8_autocast(state)`` needs it."""
-    backend: str = "off"                     # off | te | torchao
+    backend: str = "off"                     # off | te | torchao | torch
     recipe: str = ""
     reason: str = ""                         # why FP8 is off / which backend runs
     converted: list[str] = field(default_factory=list)
@@ -138,12 +142,14 @@ def choose_backend(cfg: Config, device: Optional[torch.device] = None) -> tuple[
         return "te", f"Transformer Engine te.Linear, recipe {t.fp8_recipe}"
     if want == "te":
         raise ConfigError("train.fp8_backend=te: transformer_engine is not importable")
-    if _torchao_available():
-        note = "" if t.fp8_recipe == "current" else " (torchao has no delayed scaling: dynamic tensor-wise)"
+    note = "" if t.fp8_recipe == "current" else " (train.fp8_recipe=delayed needs TE: dynamic tensor-wise instead)"
+    if want in ("auto", "torchao") and _torchao_available():
         return "torchao", f"torchao float8 training, tensor-wise current scaling{note}"
     if want == "torchao":
         raise ConfigError("train.fp8_backend=torchao: torchao.float8 is not importable")
-    return "off", "neither transformer_engine nor torchao.float8 is importable; linears stay bf16"
+    if hasattr(torch, "_scaled_mm"):
+        return "torch", f"torch._scaled_mm FP8 linears, tensor-wise current scaling{note}"
+    return "off", "no FP8 GEMM available (no transformer_engine, torchao or torch._scaled_mm); linears stay bf16"
 
 
 # --------------------------------------------------------------------------------------
@@ -187,6 +193,10 @@ def convert_linears(model: nn.Module, backend: str, names: list[str]) -> None:
         wanted = set(names)
         convert_to_float8_training(model, config=Float8LinearConfig(pad_inner_dim=True),
                                    module_filter_fn=lambda mod, fqn: fqn in wanted)
+        return
+    if backend == "torch":
+        for name in names:
+            _swap(model, name, TorchFP8Linear.from_linear(model.get_submodule(name)))
         return
     if backend != "te":
         raise ValueError(f"convert_linears: unknown FP8 backend {backend!r}")
