@@ -6,11 +6,12 @@ index promised — is logged with the shard (and key when known) and counted; no
 """
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -54,15 +55,13 @@ class ReadCounters:
     too_short: int = 0          # valid clips with fewer latent frames than the window
     dropped_remainder: int = 0  # samples left in partly filled batches at an epoch's end
     epochs_started: int = 0
-    extra: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, int]:
-        return {k: v for k, v in self.__dict__.items() if k != "extra"} | dict(self.extra)
+        return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, int]) -> "ReadCounters":
-        known = {k: int(d[k]) for k in cls.__dataclass_fields__ if k in d and k != "extra"}
-        return cls(**known)
+        return cls(**{f.name: int(d[f.name]) for f in dataclasses.fields(cls) if f.name in d})
 
 
 def _load_index(path: Path) -> dict[str, Any]:
