@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import shutil
 from pathlib import Path
 
 import torch.distributed as dist
@@ -13,32 +11,25 @@ from ..config import Config
 
 log = logging.getLogger(__name__)
 
-INDEX_NAME = "index.json"
-
 
 def synthetic_dir(cfg: Config) -> Path:
-    return Path(cfg.data.synthetic_dir or Path(cfg.run.dir) / "synthetic_shards")
+    from data_tools.make_synthetic_shards import SYNTHETIC_SUBDIR
+    return Path(cfg.data.synthetic_dir or Path(cfg.run.dir) / SYNTHETIC_SUBDIR)
 
 
 def ensure_data(cfg: Config, rank: int) -> Config:
-    """With ``data.shards`` empty, rank 0 writes synthetic shards (others wait) and the returned config
-    points at them. The set is written into a temporary directory and renamed, so a crash never leaves
-    a half-written set that a later run would trust. Collective when distributed."""
+    """With ``data.shards`` empty, rank 0 writes the synthetic shard set (``data.synthetic_*``) while the
+    other ranks wait, and the returned config points at it. A set already there with the same parameters
+    is reused (a resumed run reads the same data); its index is written last, so a set left half-written
+    by a crash is detected and rewritten. Collective when distributed."""
     if cfg.data.shards:
         return cfg
     out = synthetic_dir(cfg)
-    if rank == 0 and not (out / INDEX_NAME).is_file():
+    if rank == 0:
         from data_tools.make_synthetic_shards import write_synthetic_shards
-        tmp = out.with_name(f".tmp-{out.name}.{os.getpid()}")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        log.info("no data.shards configured: writing %d synthetic clips into %s",
-                 cfg.data.synthetic_clips, out)
-        write_synthetic_shards(tmp, cfg)
-        if out.exists():       # an earlier incomplete set (no index): replace it
-            shutil.rmtree(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        os.rename(tmp, out)
+        log.info("no data.shards configured: synthetic shards (%d clips, %d shards) in %s",
+                 cfg.data.synthetic_clips, cfg.data.synthetic_shards, out)
+        write_synthetic_shards(out, cfg)
     if dist.is_initialized():
         dist.barrier()
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, shards=str(out)))

@@ -6,50 +6,44 @@ every rank before initialising the process group (for users who call the DeepSpe
 from __future__ import annotations
 
 import argparse
-import glob
 import sys
 from pathlib import Path
 from typing import Optional
 
 from ..config import Config, ConfigError, load_config
 from ..parallel.deepspeed_config import grad_accum_steps
+from .data_feed import logical_streams
 from .phase import apply_phase
 
 
-def shard_paths(spec: str) -> list[Path]:
-    """``data.shards``: a directory of .tar files, a glob, or a comma-separated list of files."""
-    paths: list[Path] = []
-    for part in (p.strip() for p in spec.split(",")):
-        if not part:
-            continue
-        if any(c in part for c in "*?["):
-            matches = sorted(glob.glob(part))
-            if not matches:
-                raise ConfigError(f"data.shards: pattern {part!r} matches no file")
-            paths.extend(Path(m) for m in matches)
-        elif Path(part).is_dir():
-            found = sorted(Path(part).glob("*.tar"))
-            if not found:
-                raise ConfigError(f"data.shards: directory {part} contains no .tar shards")
-            paths.extend(found)
-        else:
-            paths.append(Path(part))
-    return paths
+def check_shards(cfg: Config) -> int:
+    """Configured shards exist, are non-empty and are enough for the logical data streams (see
+    ``data_feed``); ``data.shards=""`` means synthetic shards, checked by count. Returns the shard count."""
+    from ..data.schema import ShardSchema
+    from ..data.shard_source import ShardSetError, resolve_shards
 
-
-def check_shards(cfg: Config) -> list[Path]:
-    """Every configured shard exists and is non-empty. ``data.shards=""`` means synthetic data."""
+    streams = logical_streams(cfg) * max(1, cfg.data.workers)
     if not cfg.data.shards:
-        return []
-    paths = shard_paths(cfg.data.shards)
-    if not paths:
-        raise ConfigError(f"data.shards: {cfg.data.shards!r} names no shard")
-    for p in paths:
-        if not p.is_file():
-            raise ConfigError(f"data.shards: {p} does not exist")
-        if p.stat().st_size == 0:
-            raise ConfigError(f"data.shards: {p} is empty (0 bytes)")
-    return paths
+        if cfg.data.synthetic_shards < streams:
+            raise ConfigError(f"data.synthetic_shards: {cfg.data.synthetic_shards} shards cannot feed "
+                              f"{streams} streams (train.global_batch / train.micro_batch x max(1, data.workers))")
+        return cfg.data.synthetic_shards
+    try:
+        shard_set = resolve_shards(cfg.data.shards, ShardSchema.from_model(cfg.model))
+    except ShardSetError as e:
+        raise ConfigError(str(e)) from e
+    for ref in shard_set.shards:
+        local = "://" not in ref.url and not ref.url.startswith("pipe:")
+        if local and Path(ref.url).stat().st_size == 0:
+            raise ConfigError(f"data.shards: {ref.url} is empty (0 bytes)")
+        if ref.samples == 0:
+            raise ConfigError(f"data.shards: {ref.url} holds no samples according to {shard_set.index_path}")
+    if len(shard_set.shards) < streams:
+        raise ConfigError(
+            f"data.shards: {cfg.data.shards} has {len(shard_set.shards)} shards; this run reads {streams} "
+            f"streams (train.global_batch / train.micro_batch = {logical_streams(cfg)} logical streams x "
+            f"max(1, data.workers={cfg.data.workers})), each of whole shards")
+    return len(shard_set.shards)
 
 
 def check_world(cfg: Config, world_size: int) -> tuple[int, int]:

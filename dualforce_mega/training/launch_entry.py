@@ -1,0 +1,45 @@
+"""Python side of the ``launch/*.sh`` polyglot scripts: what each rank runs under DeepSpeed's launcher.
+
+Adds the script's defaults (phase, and the phase config on GPU machines or the tiny CPU config
+without GPUs, unless ``--config`` is given) and hands over to ``train.main``.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+from .train import main as train_main
+
+log = logging.getLogger(__name__)
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "launch" / "configs"
+# options of the bash side that mean nothing once a launcher has started the ranks
+_BASH_ONLY = ("--nproc", "--hostfile", "--master_addr", "--master_port")
+
+
+def default_config(phase: int, has_gpu: bool) -> Path:
+    return CONFIG_DIR / (f"phase{phase}.yaml" if has_gpu else "tiny_cpu.yaml")
+
+
+def script_args(phase: int, argv: list[str], has_gpu: bool) -> list[str]:
+    args: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        name = arg.split("=", 1)[0]
+        if name in _BASH_ONLY:
+            log.warning("%s is ignored here: the launcher that started this rank fixed the world", name)
+            i += 1 if "=" in arg else 2
+            continue
+        args.append(arg)
+        i += 1
+    if not any(a == "--config" or a.startswith("--config=") for a in args):
+        args = ["--config", str(default_config(phase, has_gpu))] + args
+    # the script's phase first: an explicit --set train.phase=... later on the command line still wins
+    return ["--set", f"train.phase={phase}"] + args
+
+
+def main(phase: int, argv: Optional[list[str]] = None) -> int:
+    import torch
+    return train_main(script_args(phase, list(argv or []), torch.cuda.is_available()))
