@@ -13,6 +13,10 @@ the next batch comes from the right stream, and each stream fast-forwards withou
 
 ``__index__`` of the i-th sample delivered by rank r is ``r + dp_size * i``: unique across ranks
 and a pure function of the stream position (the trainer seeds per-sample noise with it).
+
+Streams read whole shards, so a shard set needs at least ``dp_size * max(1, data.workers)``
+shards. Damaged data is skipped, logged and counted in ``loader.stats`` (shard_source.py); each
+sample's CRC32 is checked unless ``data.verify_checksums`` is off.
 """
 from __future__ import annotations
 

@@ -56,10 +56,10 @@ class Reporter:
         self.counters = counters
         self.active = True
 
-    def skip(self, counter: str, msg: str, *args: Any) -> None:
+    def skip(self, counter: str, msg: str, *args: Any, level: int = logging.WARNING) -> None:
         if self.active:
             setattr(self.counters, counter, getattr(self.counters, counter) + 1)
-            log.warning(msg, *args)
+            log.log(level, msg, *args)
 
 
 def epoch_shards(shards: list[ShardRef], spec: StreamSpec, epoch: int, stream: int) -> list[ShardRef]:
@@ -88,7 +88,7 @@ def inspect(raw: dict[str, Any], schema: ShardSchema, spec: StreamSpec, rep: Rep
         return None
     if frames < spec.window:
         rep.skip("too_short", "shard %s: sample %s: %d latent frames < data.window %d, skipped",
-                 url, key, frames, spec.window)
+                 url, key, frames, spec.window, level=logging.INFO)  # a data choice, not damage
         return None
     h, w = layout["video_latent"][1][2:]
     text = layout["text_emb"][1][0] if spec.keep_text and "text_emb" in layout else None
@@ -124,7 +124,7 @@ def bucketed(items: Iterator[Item], micro_batch: int, rep: Reporter) -> Iterator
     for group in pending.values():
         for item in group:
             rep.skip("dropped_remainder", "shard %s: sample %s: left over in a partial batch at epoch end",
-                     item.url, item.key)
+                     item.url, item.key, level=logging.DEBUG)  # routine, like drop_last
 
 
 def decode_batch(group: list[Item], epoch: int, schema: ShardSchema, spec: StreamSpec) -> dict[str, Any]:
