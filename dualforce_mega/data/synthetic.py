@@ -124,12 +124,14 @@ def _video(world: World, g: torch.Generator, h: int, w: int, dy: torch.Tensor, d
     fx = torch.randint(-MAX_SPATIAL_FREQ, MAX_SPATIAL_FREQ + 1, (rank, APPEARANCE_WAVES), generator=g).float()
     phase = 2 * math.pi * torch.rand(rank, APPEARANCE_WAVES, generator=g)
     amp = math.sqrt(2.0 / APPEARANCE_WAVES)
-    y = torch.arange(h, dtype=torch.float32)
-    x = torch.arange(w, dtype=torch.float32)
-    # [N, rank, waves, h, w]: integer frequencies make the field periodic, so any shift is exact
-    arg = (fy[None, :, :, None, None] * (y[None, None, None, :, None] - dy[:, None, None, None, None]) / h
-           + fx[None, :, :, None, None] * (x[None, None, None, None, :] - dx[:, None, None, None, None]) / w)
-    field = amp * torch.cos(2 * math.pi * arg + phase[None, :, :, None, None]).sum(2)   # [N, rank, h, w]
+    # [N, 1, h, 1] / [N, 1, 1, w] coordinates relative to the moving face
+    y = (torch.arange(h, dtype=torch.float32)[None, :] - dy[:, None])[:, None, :, None] / h
+    x = (torch.arange(w, dtype=torch.float32)[None, :] - dx[:, None])[:, None, None, :] / w
+    field = torch.zeros(dy.shape[0], rank, h, w)
+    for k in range(APPEARANCE_WAVES):   # one wave at a time keeps memory at [N, rank, h, w]
+        # integer frequencies make the field periodic, so any shift is exact
+        arg = 2 * math.pi * (fy[None, :, k, None, None] * y + fx[None, :, k, None, None] * x)
+        field += amp * torch.cos(arg + phase[None, :, k, None, None])
 
     # mouth and eyes move with the head: fixed face positions (fractions of the grid) plus the offset
     centres = torch.tensor([[0.7, 0.5], [0.35, 0.3], [0.35, 0.7]])
@@ -155,6 +157,9 @@ def make_synthetic_clip(index: int, num_latent_frames: int, latent_hw: tuple[int
         raise ValueError(f"num_latent_frames: {num_latent_frames} must be >= 1")
     h, w = latent_hw
     m = model_cfg
+    if m.motion_dim <= m.kp_dim + 2 * POSE:
+        raise ValueError(f"model.motion_dim={m.motion_dim} leaves no scale dims after expression "
+                         f"(model.kp_dim={m.kp_dim}), pose ({POSE}) and translation ({POSE})")
     world = _world(m.kp_dim, m.motion_dim, m.flame_dim, m.audio_dim, m.in_channels, m.text_dim)
     subject = index // CLIPS_PER_SUBJECT
     gs = torch.Generator().manual_seed(mix_seed(seed, subject, 1))   # identity: appearance, voice, face
