@@ -3,15 +3,14 @@
     python -m dualforce_mega.training.single_process --steps 200 --set train.lr=1e-3 --set data.window=3
 
 builds the configured model, draws in-memory synthetic clips (``data.synthetic_*``), cuts random
-windows with ``data.windowing.slice_window`` (docs/INTERFACES.md, Batches), and runs AdamW on the Diffusion Forcing
-objective, logging every ``train.log_every`` steps. Each optimizer step takes one batch of
+windows with ``data.windowing.slice_window`` (docs/INTERFACES.md, Batches), and runs AdamW on the
+Diffusion Forcing objective (warmup + cosine learning rate as in the trainer), logging every ``train.log_every`` steps. Each optimizer step takes one batch of
 ``train.global_batch`` samples (no gradient accumulation).
 """
 from __future__ import annotations
 
 import argparse
 import logging
-import math
 from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
@@ -23,8 +22,10 @@ from ..data.windowing import slice_window
 from ..diffusion.noise import mix_seed, sample_seeds
 from ..diffusion.objective import DiffusionForcingObjective
 from ..models import DualForceModel
+from .schedule import lr_factor
 
 log = logging.getLogger(__name__)
+
 
 def collate(samples: Sequence[dict[str, torch.Tensor]], keys: Sequence[str], indices: Sequence[int]) -> dict:
     batch: dict = {k: torch.stack([s[k] for s in samples]).float() for k in samples[0]}
@@ -61,14 +62,6 @@ def window_batches(clips: Sequence[tuple[dict[str, torch.Tensor], dict]], cfg: C
             indices.append(index)
             index += 1
         yield collate(samples, keys, indices)
-
-
-def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    """Linear warmup then cosine decay to ``min_ratio`` of the peak at ``total`` steps."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def build_model(cfg: Config) -> DualForceModel:
