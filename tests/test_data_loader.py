@@ -136,6 +136,16 @@ def test_corrupt_and_truncated_shards_are_skipped_and_counted(shard_dir: Path, t
     warned = " ".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
     assert s0["keys"][1] in warned and names[1] in warned and names[2] in warned
 
+    # resuming inside damaged data neither repeats nor re-counts anything
+    cfg = config(bad, **{"data.shuffle_buffer": 4})
+    ref, head = build_loader(cfg, 0, 1), build_loader(cfg, 0, 1)
+    full = take(ref, 2 * good)
+    part = take(head, good - 2)
+    resumed = build_loader(cfg, 0, 1)
+    resumed.load_state_dict(head.state_dict())
+    assert_same_batches(full, part + take(resumed, good + 2))
+    assert resumed.stats == ref.stats
+
 
 def _indexed_clip(cfg, frames: int) -> tuple[dict[str, torch.Tensor], dict]:
     """A clip whose values are their own time indices (exact in bf16 for these sizes)."""
