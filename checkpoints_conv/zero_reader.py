@@ -180,9 +180,9 @@ class ZeroCheckpoint:
     def _check_sizes(self) -> None:
         w = self.world
         numel = [sum(t.numel() for t in groups) for groups in self.flat]
-        if len(set(numel)) != 1:
-            raise ZeroCheckpointError(f"{self.tag_dir}: ranks hold fp32 partitions of different sizes {numel}")
-        if self.stage == 3:
+        if self.stage == 3:  # every rank holds the same slice length of every parameter
+            if len(set(numel)) != 1:
+                raise ZeroCheckpointError(f"{self.tag_dir}: ranks hold fp32 partitions of different sizes {numel}")
             need = sum(math.ceil(math.prod(s) / w) for g in self.group_shapes for s in g.values())
             if need != numel[0]:
                 raise ZeroCheckpointError(f"{self.optim_files[0]}: fp32_flat_groups hold {numel[0]} elements per "

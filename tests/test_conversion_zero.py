@@ -1,0 +1,251 @@
+"""ZeRO checkpoint -> safetensors conversion is lossless.
+
+One module fixture trains the tiny preset for 3 steps with the real trainer (ZeRO-3, 2 ranks, gloo),
+then a second 2-rank job (this file run as a script) rebuilds the trainer's engine from the run
+directory, loads the checkpoint and records its forward outputs; it also writes a ZeRO-2 and a ZeRO-3
+checkpoint with frozen parameters. The tests convert in a single process and compare with the
+engines' outputs and with DeepSpeed's own ``zero_to_fp32`` reconstruction, bit for bit.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN_STEPS = 3
+WORLD = 2
+EXTRA = {"zero2_frozen": 2, "zero3_frozen": 3}   # extra engines: name -> ZeRO stage
+OUTPUT_FIELDS = ("video", "struct", "flame", "lip_struct", "lip_audio")
+
+
+def train_overrides(run_dir: Path) -> list[str]:
+    return [f"run.dir={run_dir}", f"train.steps={TRAIN_STEPS}", f"train.save_every={TRAIN_STEPS}",
+            f"train.global_batch={WORLD}", "train.micro_batch=1", "parallel.zero_stage=3", "run.tensorboard=false",
+            "data.synthetic_clips=8", "data.synthetic_shards=2", "train.precision=fp32"]
+
+
+def fixed_inputs(model_cfg) -> dict:
+    from model_utils import random_inputs
+    return random_inputs(model_cfg, batch=2, frames=3, hw=(4, 4), seed=123)
+
+
+def forward(module, model_cfg) -> dict[str, torch.Tensor]:
+    module.eval()
+    with torch.no_grad():
+        out = module(**fixed_inputs(model_cfg), return_aux=True)
+    return {k: getattr(out, k).detach().clone() for k in OUTPUT_FIELDS}
+
+
+# --------------------------------------------------------------------------------------
+# the 2-rank engine job (run by torchrun with this file as the script)
+# --------------------------------------------------------------------------------------
+def _engine_job(run_dir: Path) -> None:
+    import deepspeed
+    import torch.distributed as dist
+
+    from dualforce_mega.config import load_config
+    from dualforce_mega.parallel.deepspeed_config import build_deepspeed_config, optimizer_param_groups
+    from dualforce_mega.parallel.groups import init_groups
+    from dualforce_mega.training.trainer import Trainer, build_model
+    from model_utils import random_inputs, randomize_heads
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    cfg = load_config(str(run_dir / "config.yaml"))
+    trainer = Trainer(cfg, init_groups(cfg.parallel.sp), torch.device("cpu"), rank, world)
+    resumed = trainer.checkpoints.load(trainer.engine)
+    assert resumed is not None and resumed.step == TRAIN_STEPS
+    outputs = {"trainer_zero3": forward(trainer.engine, cfg.model)}
+    for name, stage in EXTRA.items():
+        c = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, zero_stage=stage))
+        model = build_model(c)
+        randomize_heads(model)          # gradients reach every trainable parameter
+        for p in model.video.patch_embedding.parameters():
+            p.requires_grad_(False)     # frozen parameters take a separate path in ZeRO checkpoints
+        engine, *_ = deepspeed.initialize(model=model, config=build_deepspeed_config(c, world, "cpu"),
+                                          model_parameters=optimizer_param_groups(model, c.train.weight_decay),
+                                          dist_init_required=False)
+        for step in range(2):
+            out = engine(**random_inputs(c.model, batch=1, frames=3, hw=(4, 4), seed=10 * step + rank),
+                         return_aux=True)
+            engine.backward(out.video.pow(2).mean() + out.struct.pow(2).mean())
+            engine.step()
+        engine.save_checkpoint(str(run_dir / name), tag="final")
+        outputs[name] = forward(engine, c.model)
+    if rank == 0:
+        torch.save(outputs, run_dir / "engine_outputs.pt")
+    dist.barrier()
+
+
+# --------------------------------------------------------------------------------------
+# fixture
+# --------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(args: list[str]) -> None:
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD}",
+           f"--master_port={_free_port()}", *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("conversion") / "run"
+    _torchrun(["-m", "dualforce_mega.training.train", *[f"--set={s}" for s in train_overrides(run)]])
+    _torchrun([__file__, str(run)])
+    return run
+
+
+@pytest.fixture(scope="module")
+def engine_outputs(run_dir) -> dict:
+    return torch.load(run_dir / "engine_outputs.pt", weights_only=True)
+
+
+def single_thread_forward(model, model_cfg) -> dict[str, torch.Tensor]:
+    """The torchrun ranks ran with one thread; match it so float reductions run in the same order."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return forward(model, model_cfg)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def assert_same_as_deepspeed(converted: Path, ds_dir: Path, tag: str) -> None:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from dualforce_mega.bundle import read_state_dict
+    ours = read_state_dict(converted)
+    ref = get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=tag)
+    assert set(ours) == set(ref)
+    bad = [k for k in ref if not torch.equal(ours[k], ref[k].contiguous())]
+    assert not bad, f"tensors differ from zero_to_fp32: {bad[:5]}"
+
+
+# --------------------------------------------------------------------------------------
+# tests
+# --------------------------------------------------------------------------------------
+def test_trainer_zero3_checkpoint_converts_losslessly(run_dir, engine_outputs, tmp_path):
+    """Must-show: forward of the converted weights == the ZeRO-3 engine's, and every tensor ==
+    DeepSpeed's zero_to_fp32 reconstruction."""
+    from checkpoints_conv.zero_to_safetensors import main as convert_main
+    from dualforce_mega.bundle import load_bundle
+    from dualforce_mega.models import DualForceModel
+
+    out = tmp_path / "converted"
+    assert convert_main([str(run_dir), str(out)]) == 0
+    model, cfg, _ = load_bundle(out)
+    assert set(model.state_dict()) == set(DualForceModel(cfg.model).state_dict())
+    got = single_thread_forward(model, cfg.model)
+    for k in OUTPUT_FIELDS:
+        assert torch.equal(got[k], engine_outputs["trainer_zero3"][k]), \
+            f"{k}: max abs diff {(got[k] - engine_outputs['trainer_zero3'][k]).abs().max():.3e}"
+    tag = (run_dir / "checkpoints" / "latest").read_text().strip()
+    assert_same_as_deepspeed(out, run_dir / "checkpoints", tag)
+    assert json.loads((out / "config.json").read_text())["model"] == cfg.to_dict()["model"]
+
+
+@pytest.mark.parametrize("name", sorted(EXTRA))
+def test_zero2_and_frozen_parameters(run_dir, engine_outputs, tmp_path, name):
+    from checkpoints_conv.zero_to_safetensors import convert
+    from dualforce_mega.bundle import load_bundle
+
+    res = convert(run_dir / name, tmp_path / name, config=run_dir / "config.yaml")
+    assert res.stage == EXTRA[name] and res.world_size == WORLD
+    model, cfg, _ = load_bundle(tmp_path / name)
+    got = single_thread_forward(model, cfg.model)
+    for k in OUTPUT_FIELDS:
+        assert torch.equal(got[k], engine_outputs[name][k]), k
+    assert_same_as_deepspeed(tmp_path / name, run_dir / name, "final")
+
+
+def test_sharding_bf16_and_diff(run_dir, tmp_path):
+    from checkpoints_conv.diff import diff_checkpoints
+    from checkpoints_conv.diff import main as diff_main
+    from checkpoints_conv.zero_to_safetensors import convert
+    from dualforce_mega.bundle import INDEX_NAME, read_state_dict, weight_files
+
+    whole = convert(run_dir, tmp_path / "whole")
+    sharded = convert(run_dir, tmp_path / "sharded", max_shard_size="400KB")
+    assert len(whole.files) == 1 and len(sharded.files) > 2
+    index = json.loads((tmp_path / "sharded" / INDEX_NAME).read_text())
+    assert set(index["weight_map"].values()) == {p.name for p in sharded.files}
+    assert all(p.stat().st_size <= 400_000 + 64 * 1024 for p in sharded.files[:-1])  # limit + header slack
+    assert set(weight_files(tmp_path / "sharded")) == set(weight_files(tmp_path / "whole"))
+    assert diff_checkpoints(tmp_path / "whole", tmp_path / "sharded").equal
+    assert diff_checkpoints(run_dir, tmp_path / "sharded").equal          # ZeRO directory read directly
+    assert diff_main([str(tmp_path / "whole"), str(tmp_path / "sharded"), "--json"]) == 0
+
+    convert(run_dir, tmp_path / "bf16", dtype="bf16")
+    fp32, bf16 = read_state_dict(tmp_path / "whole"), read_state_dict(tmp_path / "bf16")
+    assert all(bf16[k].dtype == torch.bfloat16 and torch.equal(bf16[k], fp32[k].bfloat16()) for k in fp32)
+    r = diff_checkpoints(tmp_path / "whole", tmp_path / "bf16")
+    assert not r.equal and len(r.dtype_mismatch) == len(fp32) and 0 < r.max_abs_overall < 1e-1
+    assert diff_checkpoints(tmp_path / "whole", tmp_path / "bf16", atol=r.max_abs_overall).equal
+    assert diff_main([str(tmp_path / "whole"), str(tmp_path / "bf16")]) == 1
+
+
+def test_diff_reports_missing_extra_and_shape(tmp_path):
+    from safetensors.torch import save_file
+
+    from checkpoints_conv.diff import diff_checkpoints
+    a = {"x": torch.zeros(3), "y": torch.ones(2, 2), "only_a": torch.zeros(1)}
+    b = {"x": torch.tensor([0.0, 0.5, 0.0]), "y": torch.ones(4), "only_b": torch.zeros(1)}
+    save_file(a, str(tmp_path / "a.safetensors"))
+    save_file(b, str(tmp_path / "b.safetensors"))
+    r = diff_checkpoints(tmp_path / "a.safetensors", tmp_path / "b.safetensors")
+    assert r.missing == ["only_a"] and r.extra == ["only_b"]
+    assert r.shape_mismatch == {"y": [[2, 2], [4]]} and r.max_abs == {"x": 0.5} and r.over_atol == ["x"]
+
+
+def test_export_bundle(run_dir, tmp_path):
+    from checkpoints_conv.export_bundle import main as export_main
+    from dualforce_mega.bundle import BundleError, load_bundle
+
+    out = tmp_path / "bundle"
+    assert export_main([str(run_dir), str(out)]) == 0
+    manifest = json.loads((out / "bundle.json").read_text())
+    assert manifest["step"] == TRAIN_STEPS and manifest["ema"] is False and "ema_decay=0" in manifest["ema_note"]
+    shards_index = json.loads((run_dir / "synthetic_shards" / "index.json").read_text())
+    model, cfg, stats = load_bundle(out, "cpu", torch.float32)
+    assert stats == shards_index["stats"] and stats
+    assert cfg.to_dict() == json.loads((out / "config.json").read_text())
+    with pytest.raises(BundleError, match="no EMA"):
+        load_bundle(out, weights="ema")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        export_main([str(run_dir), str(out)])
+    bf16, _, _ = load_bundle(out, "cpu", torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in bf16.parameters())
+
+
+def test_incomplete_checkpoint_is_refused(run_dir, tmp_path):
+    import shutil
+
+    from checkpoints_conv.zero_reader import ZeroCheckpointError
+    from checkpoints_conv.zero_to_safetensors import convert
+    broken = tmp_path / "broken"
+    shutil.copytree(run_dir / "zero2_frozen", broken)
+    next((broken / "final").glob("*rank_1*optim_states.pt")).unlink()
+    with pytest.raises(ZeroCheckpointError, match=r"written by 2 ranks but holds 1"):
+        convert(broken, tmp_path / "out", config=run_dir / "config.yaml")
+    with pytest.raises(ZeroCheckpointError, match="no config.yaml"):
+        convert(run_dir / "zero2_frozen", tmp_path / "out2")
+
+
+if __name__ == "__main__":
+    _engine_job(Path(sys.argv[1]))
