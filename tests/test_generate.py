@@ -1,0 +1,129 @@
+"""eval.generate end to end on random tiny encoders: mp4 frames + audio track, latents, batch mode,
+streaming VAE decode == one-shot decode, cache == recompute through the CLI."""
+from __future__ import annotations
+
+import wave
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from eval.batch import parse_batch
+from eval.encoders import SpeechEncoder, WanVAE, tiny_audio_encoder, tiny_vae
+from eval.generate import main
+from eval.media import load_audio
+
+FPS = 25
+AAC_FRAME = 1024  # samples per AAC frame: the encoder pads the last one
+SIZE = ["--height", "32", "--width", "32"]
+
+
+def write_inputs(folder: Path, stem: str, seconds: float, rate: int = 22050) -> tuple[Path, Path]:
+    rng = np.random.default_rng(len(stem))
+    image = folder / f"{stem}.png"
+    Image.fromarray((rng.random((40, 48, 3)) * 255).astype(np.uint8)).save(image)
+    t = np.arange(int(rate * seconds)) / rate
+    x = (0.3 * np.sin(2 * np.pi * 220 * t) * 32767).astype(np.int16)
+    audio = folder / f"{stem}.wav"
+    with wave.open(str(audio), "wb") as w:
+        w.setnchannels(2)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(np.stack([x, x], 1).tobytes())
+    return image, audio
+
+
+def probe(path: Path) -> tuple[int, float, int]:
+    """(decoded video frames, audio stream duration in s, audio sample rate)."""
+    with av.open(str(path)) as c:
+        a = c.streams.audio[0]
+        duration = float(a.duration * a.time_base)
+        rate = a.rate
+        frames = sum(1 for _ in c.decode(video=0))
+    return frames, duration, rate
+
+
+def test_mp4_frames_audio_and_latents(tmp_path):
+    image, audio = write_inputs(tmp_path, "a", seconds=1.0)
+    out, lat = tmp_path / "out.mp4", tmp_path / "lat.safetensors"
+    frames = 10  # -> 1 + ceil(9/4) = 4 latent frames covering 13 video frames; 10 written
+    assert main(["--ref", str(image), "--audio", str(audio), "--out", str(out), "--random-preset", "tiny",
+                 "--frames", str(frames), "--steps", "1", "--save-latents", str(lat), "--quiet", *SIZE]) == 0
+    n, duration, rate = probe(out)
+    assert n == frames
+    assert abs(duration - frames / FPS) <= AAC_FRAME / rate
+    tensors = load_file(str(lat))
+    assert set(tensors) == {"video_latent", "struct"}
+    assert tensors["video_latent"].shape == (16, 4, 4, 4)
+    assert tensors["struct"].shape == (frames, 70)
+    assert not (tmp_path / "out.partial.mp4").exists()
+
+
+def test_cli_kv_cache_equals_recompute(tmp_path):
+    image, audio = write_inputs(tmp_path, "a", seconds=0.5)
+    common = ["--ref", str(image), "--audio", str(audio), "--random-preset", "tiny", "--steps", "2",
+              "--window-blocks", "2", "--quiet", *SIZE]
+    main(common + ["--out", str(tmp_path / "c.mp4"), "--save-latents", str(tmp_path / "c.st")])
+    main(common + ["--out", str(tmp_path / "r.mp4"), "--save-latents", str(tmp_path / "r.st"), "--no-kv-cache"])
+    c, r = load_file(str(tmp_path / "c.st")), load_file(str(tmp_path / "r.st"))
+    # frames default to the audio length: 0.5 s -> 12 frames -> 4 latent frames
+    assert c["video_latent"].shape[1] == 4 and probe(tmp_path / "c.mp4")[0] == 12
+    for k in c:
+        assert (c[k] - r[k]).abs().max() < 1e-5
+
+
+def test_batch_folder_and_list(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    write_inputs(src, "p1", seconds=0.3)
+    write_inputs(src, "p2", seconds=0.2)
+    out_dir = tmp_path / "out"
+    main(["--batch", str(src), "--out-dir", str(out_dir), "--random-preset", "tiny", "--steps", "1", "--quiet",
+          *SIZE])
+    assert probe(out_dir / "p1.mp4")[0] == 7 and probe(out_dir / "p2.mp4")[0] == 5
+    listing = tmp_path / "pairs.txt"
+    listing.write_text("# image audio name\nin/p1.png in/p2.wav\nin/p2.png, in/p2.wav, second\n")
+    jobs = parse_batch(str(listing))
+    assert [j.name for j in jobs] == ["p1__p2", "second"]
+    listing.write_text("in/p1.png in/missing.wav\n")
+    with pytest.raises(FileNotFoundError, match=r"pairs.txt:1: .*missing.wav"):
+        parse_batch(str(listing))
+
+
+def test_streaming_decode_equals_full_decode():
+    torch.manual_seed(0)
+    vae = WanVAE(tiny_vae())
+    latent = torch.randn(1, 16, 5, 4, 4)
+    with torch.no_grad():
+        full = vae.vae.decode(latent * vae.std + vae.mean).sample
+    dec = vae.decoder()
+    pieces = torch.cat([dec.decode(latent[:, :, a:b]) for a, b in ((0, 1), (1, 3), (3, 5))], dim=2)
+    assert pieces.shape == full.shape == (1, 3, 17, 32, 32)
+    assert (pieces - full).abs().max() < 1e-5
+
+
+def test_speech_features_aligned():
+    torch.manual_seed(0)
+    enc = SpeechEncoder(tiny_audio_encoder(32))
+    frames = 13
+    wav = torch.randn(frames * 16000 // FPS)
+    feats = enc.encode(wav, frames, FPS, per_frame=2)
+    assert feats.shape == (2 * frames, 32)
+    # segmenting long audio keeps the alignment (same length, close features away from the cuts)
+    seg = SpeechEncoder(enc.model, segment_s=0.2, context_s=0.1).encode(wav, frames, FPS, per_frame=2)
+    assert seg.shape == feats.shape
+
+
+def test_bad_inputs_name_the_file(tmp_path):
+    image, audio = write_inputs(tmp_path, "a", seconds=0.2)
+    bad = tmp_path / "broken.wav"
+    bad.write_bytes(b"not audio")
+    with pytest.raises(ValueError, match="broken.wav"):
+        load_audio(bad, 16000)
+    with pytest.raises(ValueError, match="broken.wav"):
+        main(["--ref", str(bad), "--audio", str(audio), "--out", str(tmp_path / "x.mp4"),
+              "--random-preset", "tiny", "--quiet", *SIZE])

@@ -1,0 +1,178 @@
+"""Autoregressive sampler: KV-cache == full recomputation, schedule properties, memory bound, CFG."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dualforce_mega.config import DiffusionConfig, model_preset
+from dualforce_mega.diffusion.ar_schedule import plan_chunks, pyramid_passes
+from dualforce_mega.diffusion.sampler import ARSampler, SampleInputs, num_latent_frames
+from dualforce_mega.diffusion.schedules import inference_sigmas
+from dualforce_mega.models.dualforce import DualForceModel
+
+TOL = 1e-5
+LATENT_HW = (4, 4)
+
+
+def randomized_model(**overrides) -> DualForceModel:
+    """Tiny model whose zero-initialised parts (heads, bridge outputs, audio gates) are made
+    non-zero, so every path (struct, bridge, audio) actually influences the output."""
+    torch.manual_seed(0)
+    model = DualForceModel(model_preset("tiny", **overrides))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("gate"):
+                p.fill_(0.5)
+            elif p.abs().max() == 0:
+                p.normal_(0.0, 0.1)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def model() -> DualForceModel:
+    return randomized_model()
+
+
+def inputs(num_latent: int, seed: int = 1, audio: bool = True, **kw) -> SampleInputs:
+    g = torch.Generator().manual_seed(123)
+    n_video = 1 + 4 * (num_latent - 1)
+    reference = torch.randn(1, 16, *LATENT_HW, generator=g)
+    feats = torch.randn(1, 2 * n_video, 32, generator=g)
+    return SampleInputs(reference=reference, num_latent=num_latent, seeds=[seed], audio=feats if audio else None,
+                        kp_canonical=torch.randn(1, 63, generator=g), **kw)
+
+
+def run(model, cfg: DiffusionConfig, inp: SampleInputs, cache: bool):
+    sampler = ARSampler(model, cfg, use_cache=cache)
+    video, struct = sampler.sample(inp)
+    return video, struct, sampler.stats
+
+
+@pytest.mark.parametrize("chunk,window,ar_step,cfg_audio", [
+    (1, 0, 0, 1.0), (3, 0, 0, 1.0), (1, 2, 0, 1.0), (3, 2, 0, 1.0),
+    (3, 0, 1, 1.0), (3, 2, 2, 1.0), (2, 3, 1, 2.5)])
+def test_kv_cache_equals_recompute(model, chunk, window, ar_step, cfg_audio):
+    cfg = DiffusionConfig(sample_steps=3, chunk_blocks=chunk, window_blocks=window, ar_step=ar_step,
+                          cfg_audio=cfg_audio)
+    inp = inputs(8)
+    v_c, s_c, stats_c = run(model, cfg, inp, cache=True)
+    v_r, s_r, stats_r = run(model, cfg, inp, cache=False)
+    assert v_c.shape == (1, 16, 8, *LATENT_HW) and s_c.shape == (1, 1 + 4 * 7, 70)
+    assert (v_c - v_r).abs().max() < TOL
+    assert (s_c - s_r).abs().max() < TOL
+    assert v_c.abs().mean() > 0.1  # a real signal, not zeros
+    # the cached path never feeds history to the model; the reference feeds all of it
+    assert stats_c.max_pass_frames == chunk and stats_r.max_pass_frames == 8
+
+
+def test_kv_cache_equals_recompute_block_size_2():
+    model = randomized_model(causal_block_size=2)
+    cfg = DiffusionConfig(sample_steps=2, chunk_blocks=2, window_blocks=2, ar_step=1)
+    inp = inputs(8)  # blocks {0,1} {2,3} {4,5} {6,7}: block 0 = reference + one generated frame
+    v_c, s_c, _ = run(model, cfg, inp, cache=True)
+    v_r, s_r, _ = run(model, cfg, inp, cache=False)
+    assert (v_c - v_r).abs().max() < TOL and (s_c - s_r).abs().max() < TOL
+    assert torch.equal(v_c[:, :, 0], inp.reference)
+
+
+def test_kv_cache_equals_recompute_video_only():
+    model = randomized_model(struct_tower=False)
+    cfg = DiffusionConfig(sample_steps=2, chunk_blocks=2, window_blocks=2)
+    v_c, s_c, _ = run(model, cfg, inputs(6), cache=True)
+    v_r, s_r, _ = run(model, cfg, inputs(6), cache=False)
+    assert s_c is None and s_r is None
+    assert (v_c - v_r).abs().max() < TOL
+
+
+def test_window_changes_generation(model):
+    """The rolling window is not a no-op: with history beyond the window the result differs."""
+    base = dict(sample_steps=2, chunk_blocks=1)
+    v_full, _, _ = run(model, DiffusionConfig(**base), inputs(6), cache=True)
+    v_win, _, _ = run(model, DiffusionConfig(**base, window_blocks=2), inputs(6), cache=True)
+    assert torch.equal(v_full[:, :, :3], v_win[:, :, :3])  # frames whose history fits in the window
+    assert (v_full[:, :, 3:] - v_win[:, :, 3:]).abs().max() > 1e-3
+
+
+def test_reference_and_motion_pinned(model):
+    ref_motion = torch.randn(1, 70)
+    inp = inputs(4, ref_motion=ref_motion)
+    video, struct, stats = run(model, DiffusionConfig(sample_steps=2), inp, cache=True)
+    assert torch.equal(video[:, :, 0], inp.reference)
+    assert torch.equal(struct[:, 0], ref_motion)
+    # block 0 fully known: only its writing pass; then 3 chunks x (2 steps + 1 writing pass)
+    assert stats.model_calls == 1 + 3 * 3
+
+
+def test_deterministic_by_seed(model):
+    cfg = DiffusionConfig(sample_steps=2, chunk_blocks=2)
+    a = run(model, cfg, inputs(5, seed=7), cache=True)
+    b = run(model, cfg, inputs(5, seed=7), cache=True)
+    c = run(model, cfg, inputs(5, seed=8), cache=True)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert (a[0][:, :, 1:] - c[0][:, :, 1:]).abs().max() > 1e-2
+
+
+def test_cfg(model):
+    steps = 2
+    base = dict(sample_steps=steps, chunk_blocks=1)
+    v1, s1, st1 = run(model, DiffusionConfig(**base, cfg_audio=1.0), inputs(4), cache=True)
+    # scale 1: the conditional branch alone (no unconditional evaluations at all); no reference
+    # motion given, so block 0's struct token is denoised too: 4 chunks x (steps + writing pass)
+    assert st1.model_calls == 4 * (steps + 1)
+    # scale 0: exactly the unconditional model, i.e. generation without audio; this only holds
+    # if both branches keep separate caches
+    v0, s0, st0 = run(model, DiffusionConfig(**base, cfg_audio=0.0), inputs(4), cache=True)
+    vn, sn, _ = run(model, DiffusionConfig(**base), inputs(4, audio=False), cache=True)
+    assert st0.model_calls == 2 * st1.model_calls
+    assert (v0 - vn).abs().max() < TOL and (s0 - sn).abs().max() < TOL
+    assert (v0 - v1).abs().max() > 1e-3  # audio matters in this model
+    # zeros as the unconditional input is a different (documented) choice
+    vz, _, _ = run(model, DiffusionConfig(**base, cfg_audio=0.0, cfg_uncond_audio="zeros"), inputs(4), cache=True)
+    assert (vz - v0).abs().max() > 1e-4
+
+
+def test_memory_bounded_by_window(model):
+    """65 vs 129 video frames (17 vs 33 latent frames) with a window: the KV cache plateaus."""
+    cfg = DiffusionConfig(sample_steps=1, chunk_blocks=1, window_blocks=3)
+    sizes = {}
+    for frames in (65, 129):
+        stats = run(model, cfg, inputs(num_latent_frames(frames, 4)), cache=True)[2]
+        sizes[frames] = stats
+        # after the window fills, every further chunk leaves the cache exactly as large
+        assert len(set(stats.history_bytes[cfg.window_blocks + 1:])) == 1
+        assert stats.max_pass_frames == 1
+    assert max(sizes[65].history_bytes) == max(sizes[129].history_bytes)
+    assert max(sizes[65].history_tokens) == max(sizes[129].history_tokens)
+    # without a window the cache grows with the length
+    grow = run(model, DiffusionConfig(sample_steps=1), inputs(num_latent_frames(65, 4)), cache=True)[2]
+    assert grow.history_bytes[-1] > 2 * max(sizes[129].history_bytes)
+
+
+@pytest.mark.parametrize("n_latent,block,chunk", [(1, 1, 1), (8, 1, 3), (8, 2, 2), (9, 3, 1)])
+def test_plan_chunks_partition(n_latent, block, chunk):
+    chunks = plan_chunks(n_latent, block, chunk)
+    ids = torch.cat([c.frame_ids for c in chunks])
+    assert torch.equal(ids, torch.arange(n_latent))
+    assert chunks[0].end == min(block, n_latent)  # chunk 0 is block 0
+    assert all(c.end - c.start <= block * chunk for c in chunks[1:])
+
+
+@pytest.mark.parametrize("blocks,ar_step", [(1, 0), (3, 0), (3, 1), (4, 3)])
+def test_pyramid_passes(blocks, ar_step):
+    steps = 4
+    sigmas = inference_sigmas(steps, 3.0)
+    passes = pyramid_passes(blocks, sigmas, ar_step)
+    assert len(passes) == steps + (blocks - 1) * ar_step
+    active = torch.stack([p.active for p in passes]).long()
+    assert torch.equal(active.sum(0), torch.full((blocks,), steps))  # N Euler steps per block
+    first = active.argmax(0)
+    assert torch.equal(first, torch.arange(blocks) * ar_step)       # block j starts a steps after j-1
+    for p in passes:
+        assert torch.all(p.sigma[1:] >= p.sigma[:-1])                # later blocks never less noisy
+        assert torch.equal(p.sigma_next[~p.active], p.sigma[~p.active])
+    assert torch.all(passes[-1].sigma_next == 0)
+    assert torch.equal(passes[0].sigma, torch.ones(blocks))
+
+
+def test_num_latent_frames():
+    assert [num_latent_frames(n, 4) for n in (1, 2, 5, 6, 65, 129)] == [1, 2, 2, 3, 17, 33]
