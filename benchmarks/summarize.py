@@ -1,0 +1,118 @@
+"""One table from a GPU-suite output folder: every figure of benchmarks/RESULTS.md next to its target.
+
+  python benchmarks/summarize.py out/gpu_suite/<run>      # reads checks.json, attention.json, train_step.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+from common import fmt, markdown_table  # noqa: I100
+
+# targets (benchmarks/RESULTS.md)
+TARGET_CAUSAL_OVER_FULL_F32 = 0.6
+TARGET_PHASE4_MFU = 0.40
+TARGET_FP8_SPEEDUP = 1.2
+TARGET_FP8_LOSS_REL = 0.02
+
+
+def _load(folder: Path, name: str) -> Optional[dict]:
+    path = folder / name
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _met(value: Optional[float], target: float, higher_is_better: bool) -> str:
+    if value is None:
+        return "not measured"
+    ok = value >= target if higher_is_better else value <= target
+    return "yes" if ok else "NO"
+
+
+def attention_rows(data: dict) -> list[list[str]]:
+    rows = []
+    by_case: dict[tuple, list[dict]] = {}
+    for r in data["rows"]:
+        by_case.setdefault((r["frames"], r["sp"]), []).append(r)
+    for (frames, sp), rs in sorted(by_case.items()):
+        full = [r for r in rs if r["backend"].startswith("full") and r["ms"] is not None]
+        best_full = min(full, key=lambda r: r["ms"]) if full else None
+        for r in rs:
+            if r["backend"].startswith("full"):
+                continue
+            label = f"attention fwd+bwd F={frames} P={sp} {r['backend']} / full"
+            if r["ms"] is None:
+                rows.append([label, r["note"] or "-", "-", "-"])
+                continue
+            ratio = r["ratio"]
+            target = TARGET_CAUSAL_OVER_FULL_F32 if frames == 32 and sp == 1 else None
+            measured = (f"{fmt(ratio)} ({fmt(r['ms'])} ms vs {fmt(best_full['ms'])} ms {best_full['backend']}; "
+                        f"{fmt(r['tflops'])} TFLOP/s; ideal {fmt(r['ideal'])})") if best_full else fmt(r["ms"])
+            rows.append([label, measured, f"<= {target}" if target else "-",
+                         _met(ratio, target, False) if target else "-"])
+    return rows
+
+
+def train_rows(data: dict) -> list[list[str]]:
+    rows = [["matmul peak (measured, params dtype)", f"{fmt(data['peak_tflops'])} TFLOP/s", "-", "-"]]
+    for r in data["rows"]:
+        label = f"Phase {r['phase']} {r['precision']} step, {r['frames']} latent frames"
+        if r["ms"] is None:
+            rows.append([label, r["note"], "-", "-"])
+            continue
+        mfu = r["mfu"]
+        measured = (f"{fmt(r['ms'])} ms, {fmt(r['tokens_per_s'])} tok/s, MFU {100 * mfu:.1f}%, "
+                    f"peak {fmt(r['peak_gib'])} GiB")
+        if r["precision"] == "fp8":
+            rows.append([label, measured + f", speedup {fmt(r['speedup'])}x", f">= {TARGET_FP8_SPEEDUP}x",
+                         _met(r["speedup"], TARGET_FP8_SPEEDUP, True)])
+        elif r["phase"] == 4:
+            rows.append([label, measured, f"MFU >= {TARGET_PHASE4_MFU:.0%}", _met(mfu, TARGET_PHASE4_MFU, True)])
+        else:
+            rows.append([label, measured, "-", "-"])
+    s = data.get("search")
+    if s:
+        rows.append([f"max latent frames, Phase {s['phase']}, activation checkpointing", str(s["max_fit"]),
+                     "-", s["note"] or f"first OOM at {s['first_oom']}"])
+    return rows
+
+
+def check_rows(data: dict) -> list[list[str]]:
+    checks = data["checks"]
+    rows = []
+    for c in checks:
+        if c["name"].startswith("fp8 loss"):
+            rows.append([c["name"], f"{100 * c['value']:.2f}% ({c['detail']})", f"<= {TARGET_FP8_LOSS_REL:.0%}",
+                         "yes" if c["passed"] else "NO"])
+    passed = sum(c["passed"] for c in checks)
+    failed = [c["name"] for c in checks if not c["passed"]]
+    rows.append(["GPU correctness checks", f"{passed}/{len(checks)} passed", "all",
+                 "yes" if not failed else "NO: " + "; ".join(failed)])
+    return rows
+
+
+def summarize(folder: Path) -> str:
+    rows: list[list[str]] = []
+    sources: list[tuple[str, Any]] = [("checks.json", check_rows), ("attention.json", attention_rows),
+                                      ("train_step.json", train_rows)]
+    devices = set()
+    for name, fn in sources:
+        data = _load(folder, name)
+        if data is None:
+            rows.append([name.replace(".json", ""), "not run", "-", "-"])
+            continue
+        devices.add(data.get("device", ""))
+        rows += fn(data)
+    head = f"# GPU suite summary ({'; '.join(d for d in devices if d) or 'unknown device'})\n"
+    return head + markdown_table(["figure", "measured", "target", "met"], rows)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("folder", type=Path)
+    print(summarize(p.parse_args().folder))
+
+
+if __name__ == "__main__":
+    main()
