@@ -1,0 +1,268 @@
+"""Trainer pieces that need no process group: LR schedule, DeepSpeed config, preflight errors,
+world-size independent global batches, checkpoint atomicity, the launch scripts' two faces."""
+from __future__ import annotations
+
+import math
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from data_tools.make_synthetic_shards import write_synthetic_shards
+from dualforce_mega.config import ConfigError, build_config
+from dualforce_mega.parallel.deepspeed_config import build_deepspeed_config, grad_accum_steps
+from dualforce_mega.training.checkpoint import CheckpointManager, TMP_PREFIX, tag_for
+from dualforce_mega.training.data_feed import GlobalBatchFeed
+from dualforce_mega.training.launch_entry import script_args
+from dualforce_mega.training.metrics import MetricAccumulator
+from dualforce_mega.training.phase import apply_phase
+from dualforce_mega.training.preflight import check_shards, check_world, hostfile_slots
+from dualforce_mega.training.schedule import build_lr_scheduler, lr_factor
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = ("launch/pretrain_causal.sh", "launch/train_dualforce.sh")
+
+
+# ------------------------------------------------------------------------------ LR schedule
+def test_warmup_cosine_shape() -> None:
+    warmup, total, ratio = 4, 20, 0.1
+    f = [lr_factor(s, warmup, total, ratio) for s in range(total)]
+    assert f[:warmup] == [(s + 1) / warmup for s in range(warmup)]
+    assert f[warmup] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(f[warmup:], f[warmup + 1:]))       # cosine only decays
+    assert lr_factor(total, warmup, total, ratio) == pytest.approx(ratio)
+    assert lr_factor(total + 5, warmup, total, ratio) == pytest.approx(ratio)  # floor after the end
+    mid = warmup + (total - warmup) // 2
+    assert f[mid] == pytest.approx(ratio + (1 - ratio) * 0.5 * (1 + math.cos(math.pi * 0.5)))
+
+
+def test_lr_scheduler_state_resumes_the_same_curve() -> None:
+    cfg = build_config({"train": {"steps": 30, "warmup_steps": 5, "lr": 1e-3, "min_lr_ratio": 0.2}})
+
+    def make():
+        opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=cfg.train.lr)
+        return opt, build_lr_scheduler(opt, cfg.train)
+
+    opt, sched = make()
+    lrs = []
+    for _ in range(30):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    opt2, sched2 = make()
+    for _ in range(12):
+        opt2.step()
+        sched2.step()
+    state = sched2.state_dict()
+    opt3, sched3 = make()
+    sched3.load_state_dict(state)
+    resumed = []
+    for _ in range(18):
+        resumed.append(sched3.get_last_lr()[0])
+        opt3.step()
+        sched3.step()
+    assert resumed == lrs[12:]
+
+
+# ------------------------------------------------------------------------------ DeepSpeed config
+@pytest.mark.parametrize("clip", [0.0, 0.5, 2.5])
+def test_gradient_clipping_is_always_explicit(clip: float) -> None:
+    cfg = build_config({"train": {"grad_clip": clip}})
+    assert build_deepspeed_config(cfg, 1, "cpu")["gradient_clipping"] == clip
+
+
+def test_deepspeed_config_from_config() -> None:
+    cfg = build_config({"train": {"global_batch": 12, "micro_batch": 2, "lr": 2e-4, "betas": [0.8, 0.95],
+                                  "adam_eps": 1e-7, "weight_decay": 0.05},
+                        "parallel": {"zero_stage": 2, "offload_optimizer": True}})
+    ds = build_deepspeed_config(cfg, 3, "cuda")
+    assert ds["gradient_accumulation_steps"] == 2 and ds["train_micro_batch_size_per_gpu"] == 2
+    assert ds["zero_optimization"]["stage"] == 2
+    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert ds["optimizer"] == {"type": "AdamW", "params": {"lr": 2e-4, "betas": [0.8, 0.95], "eps": 1e-7,
+                                                          "weight_decay": 0.05}}
+    assert ds["bf16"] == {"enabled": True}                     # precision auto on GPU
+    cpu = build_deepspeed_config(build_config({}), 2, "cpu")
+    assert "bf16" not in cpu and cpu["optimizer"]["params"]["torch_adam"] is True
+    assert cpu["zero_optimization"]["stage"] == 3
+
+
+def test_batch_split_errors_name_the_key() -> None:
+    cfg = build_config({"train": {"global_batch": 6, "micro_batch": 1}})
+    assert grad_accum_steps(cfg, 3) == 2
+    with pytest.raises(ConfigError, match=r"train.global_batch: 6 .* 1 x 4"):
+        grad_accum_steps(cfg, 4)
+    with pytest.raises(ConfigError, match=r"parallel.sp: world size 3 is not divisible by parallel.sp=2"):
+        check_world(build_config({"parallel": {"sp": 2}}), 3)
+
+
+def test_phase2_is_video_only() -> None:
+    cfg = apply_phase(build_config({"train": {"phase": 2}}))
+    assert not cfg.model.struct_tower and not cfg.model.audio
+    full = apply_phase(build_config({"train": {"phase": 4}}))
+    assert full.model.struct_tower and full.model.audio
+
+
+# ------------------------------------------------------------------------------ preflight: shards
+def test_shard_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="data.shards: .*nope"):
+        check_shards(build_config({"data": {"shards": str(tmp_path / "nope")}}))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="data.shards: .*no shards"):
+        check_shards(build_config({"data": {"shards": str(tmp_path / "empty")}}))
+    (tmp_path / "zero.tar").write_bytes(b"")
+    with pytest.raises(ConfigError, match="data.shards: .*zero.tar is empty"):
+        check_shards(build_config({"data": {"shards": str(tmp_path / "zero.tar")}}))
+    with pytest.raises(ConfigError, match="data.synthetic_shards: 2 shards cannot feed 4 streams"):
+        check_shards(build_config({"data": {"synthetic_shards": 2}, "train": {"global_batch": 4}}))
+
+
+def test_hostfile_slots(tmp_path: Path) -> None:
+    hf = tmp_path / "hosts"
+    hf.write_text("# comment\nnode-a slots=8\n\nnode-b slots=4  # trailing\n")
+    assert hostfile_slots(str(hf)) == 12
+    hf.write_text("node-a gpus=8\n")
+    with pytest.raises(ConfigError, match=r"hosts:1: expected 'hostname slots=N'"):
+        hostfile_slots(str(hf))
+
+
+# ------------------------------------------------------------------------------ global batches
+@pytest.fixture(scope="module")
+def synthetic_cfg(tmp_path_factory: pytest.TempPathFactory):
+    cfg = build_config({"train": {"global_batch": 4, "micro_batch": 1},
+                        "data": {"synthetic_clips": 16, "synthetic_shards": 4}})
+    out = tmp_path_factory.mktemp("shards")
+    write_synthetic_shards(out, cfg)
+    return build_config({"train": {"global_batch": 4, "micro_batch": 1}, "data": {"shards": str(out)}})
+
+
+def _global_batches(cfg, dp_size: int, steps: int) -> list[dict[int, tuple[str, float]]]:
+    accum = grad_accum_steps(cfg, dp_size)
+    feeds = [GlobalBatchFeed(cfg, r, dp_size, accum) for r in range(dp_size)]
+    out = []
+    for _ in range(steps):
+        samples = {}
+        for feed in feeds:
+            for m in range(accum):
+                b = feed.next(m)
+                for i, idx in enumerate(b["__index__"].tolist()):
+                    samples[idx] = (b["__key__"][i], float(b["video_latent"][i].double().sum()))
+        out.append(samples)
+    return out
+
+
+def test_global_batch_does_not_depend_on_dp_size(synthetic_cfg) -> None:
+    steps = 6     # more than one epoch of 16 clips at 4 per step
+    one, two, four = (_global_batches(synthetic_cfg, dp, steps) for dp in (1, 2, 4))
+    assert one == two == four
+    assert all(len(s) == synthetic_cfg.train.global_batch for s in one)
+    indices = [i for s in one for i in s]
+    assert len(set(indices)) == len(indices)        # every global sample index is unique
+
+
+def test_feed_resume_continues_the_stream(synthetic_cfg) -> None:
+    accum = grad_accum_steps(synthetic_cfg, 2)
+    feed = GlobalBatchFeed(synthetic_cfg, 1, 2, accum)
+    for _ in range(3):
+        for m in range(accum):
+            feed.next(m)
+    state = feed.state_dict()
+    expected = [feed.next(m)["__key__"] for m in range(accum)]
+    fresh = GlobalBatchFeed(synthetic_cfg, 1, 2, accum)
+    fresh.load_state_dict(state)
+    assert [fresh.next(m)["__key__"] for m in range(accum)] == expected
+    other_rank = GlobalBatchFeed(synthetic_cfg, 0, 2, accum)
+    with pytest.raises(ValueError, match="logical data streams"):
+        other_rank.load_state_dict(state)
+
+
+# ------------------------------------------------------------------------------ metrics
+def test_metric_accumulator_skips_missing_and_nan() -> None:
+    acc = MetricAccumulator()
+    acc.add({"loss": 2.0, "loss_video_sigma_0.00_0.50": 1.0}, tokens=10, sample_ids=[3])
+    acc.add({"loss": 4.0, "loss_video_sigma_0.00_0.50": float("nan")}, tokens=6, sample_ids=[1])
+    acc.add({"loss": 6.0}, tokens=4, sample_ids=[2])
+    out = acc.reduce()
+    assert out["loss"] == 4.0 and out["loss_video_sigma_0.00_0.50"] == 1.0
+    assert out["tokens"] == 20 and out["samples"] == 3 and out["sample_ids"] == [1, 2, 3]
+
+
+# ------------------------------------------------------------------------------ checkpoints
+class _FakeEngine:
+    """Writes/reads one file per tag the way DeepSpeed lays out a tag directory; can die mid-save."""
+
+    def __init__(self, fail_at_tag: str = ""):
+        self.fail_at_tag = fail_at_tag
+        self.loaded = None
+
+    def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+        assert not save_latest      # `latest` is ours to publish
+        path = Path(save_dir) / tag
+        path.mkdir(parents=True, exist_ok=True)
+        torch.save(client_state, path / "mp_rank_00_model_states.pt")
+        if tag == self.fail_at_tag:
+            raise RuntimeError("disk died mid-save")
+
+    def load_checkpoint(self, load_dir, tag, load_optimizer_states, load_lr_scheduler_states):
+        path = Path(load_dir) / tag
+        self.loaded = tag
+        return str(path), torch.load(path / "mp_rank_00_model_states.pt", weights_only=True)
+
+
+def test_checkpoint_publish_prune_and_crash(tmp_path: Path) -> None:
+    root = tmp_path / "checkpoints"
+    mgr = CheckpointManager(root, keep_last=2, rank=0, world_size=1)
+    assert mgr.load(_FakeEngine()) is None
+    for step in (5, 10, 15):
+        mgr.save(_FakeEngine(), step, {}, {"data": {"pos": step}})
+    assert mgr.tags() == [tag_for(10), tag_for(15)]
+    assert (root / "latest").read_text() == tag_for(15)
+
+    with pytest.raises(RuntimeError, match="mid-save"):
+        mgr.save(_FakeEngine(fail_at_tag=f"{TMP_PREFIX}{tag_for(20)}"), 20, {}, {"data": {"pos": 20}})
+    assert (root / f"{TMP_PREFIX}{tag_for(20)}").is_dir()
+    assert (root / "latest").read_text() == tag_for(15)
+
+    engine = _FakeEngine()
+    resumed = CheckpointManager(root, keep_last=2, rank=0, world_size=1).load(engine)
+    assert resumed is not None and resumed.step == 15 and engine.loaded == tag_for(15)
+    assert resumed.rank_state == {"data": {"pos": 15}}
+    assert not (root / f"{TMP_PREFIX}{tag_for(20)}").exists()   # the interrupted save is cleaned up
+    with pytest.raises(FileNotFoundError, match="rank_state_00001.pt: missing; .* written by 1 ranks"):
+        CheckpointManager(root, keep_last=2, rank=1, world_size=2).load(_FakeEngine())
+
+
+# ------------------------------------------------------------------------------ launch scripts
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_launch_script_is_valid_bash_and_python(script: str) -> None:
+    path = REPO / script
+    compile(path.read_text(), str(path), "exec")            # what DeepSpeed's launcher runs on each rank
+    subprocess.run(["bash", "-n", str(path)], check=True)   # what `bash launch/...` runs
+    out = subprocess.run(["bash", str(path), "--help"], capture_output=True, text=True, check=True)
+    assert "--nproc" in out.stdout and "--hostfile" in out.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "train.global_batch=3"], "train.global_batch: 3 is not divisible"),
+    (["--set", "parallel.sp=4", "--nproc", "2"], "parallel.sp"),
+    (["--set", "data.shards=/nonexistent/shards"], "data.shards: /nonexistent/shards"),
+    (["--set", "train.stepz=3"], "train.stepz: unknown key (did you mean train.steps?)"),
+    (["--frobnicate"], "unknown argument '--frobnicate'"),
+])
+def test_launch_fails_before_spawning(args: list[str], message: str) -> None:
+    out = subprocess.run(["bash", str(REPO / "launch/train_dualforce.sh"), *args], capture_output=True,
+                         text=True, cwd=REPO)
+    assert out.returncode == 2
+    assert message in out.stderr
+    assert "deepspeed.launcher" not in out.stdout + out.stderr     # no rank was started
+
+
+def test_script_defaults_under_a_launcher() -> None:
+    args = script_args(2, ["--nproc", "8", "--set", "train.steps=3", "--local_rank=1"], has_gpu=False)
+    assert args[:2] == ["--set", "train.phase=2"]
+    assert args[2:4] == ["--config", str(REPO / "launch/configs/tiny_cpu.yaml")]
+    assert "--nproc" not in args and "8" not in args and args[-1] == "--local_rank=1"
+    gpu = script_args(4, ["--config", "my.yaml"], has_gpu=True)
+    assert gpu == ["--set", "train.phase=4", "--config", "my.yaml"]
+    assert script_args(4, [], has_gpu=True)[3].endswith("launch/configs/phase4.yaml")
