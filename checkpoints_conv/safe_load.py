@@ -57,6 +57,16 @@ class UnsafeCheckpointError(pickle.UnpicklingError):
     """A checkpoint file needs something other than tensors, containers and allow-listed records."""
 
 
+_REASON_PREFIXES = ("Trying to", "Unsupported", "Can only", "Unsupported global")
+
+
+def _reason(e: Exception) -> str:
+    """The line of torch's weights-only error that names the offending global (not its generic advice)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    hits = [ln for ln in lines if ln.startswith(_REASON_PREFIXES)]
+    return hits[0] if hits else (lines[-1] if lines else repr(e))
+
+
 def safe_torch_load(path: Union[str, Path], mmap: bool = False) -> Any:
     """``torch.load`` on CPU with ``weights_only=True`` and inert DeepSpeed records.
 
@@ -70,7 +80,7 @@ def safe_torch_load(path: Union[str, Path], mmap: bool = False) -> Any:
     except pickle.UnpicklingError as e:
         raise UnsafeCheckpointError(
             f"{path}: refused to load — it contains objects outside the weights-only allow-list "
-            f"(tensors, containers and {', '.join(DEEPSPEED_PICKLED_TYPES)}): {e}") from e
+            f"(tensors, containers and {', '.join(DEEPSPEED_PICKLED_TYPES)}): {_reason(e)}") from e
     except RuntimeError as e:
         if "mmap" in str(e) and mmap:  # legacy (non-zip) torch.save files cannot be mapped
             return safe_torch_load(path, mmap=False)

@@ -132,7 +132,7 @@ class ZeroCheckpoint:
             groups = sd[OPTIM_KEY].get(key)
             if not isinstance(groups, list) or not all(torch.is_tensor(t) for t in groups):
                 raise ZeroCheckpointError(f"{f}: {OPTIM_KEY}.{key} is missing or not a list of tensors")
-            self.flat.append([t.reshape(-1) for t in groups])
+            self.flat.append([t.detach().reshape(-1) for t in groups])  # saved with requires_grad
         self.group_shapes: list[dict[str, torch.Size]] = list(self.model0["param_shapes"])
         self.paddings = self._optim[0][OPTIM_KEY].get("param_alignment_paddings")
         self._check_sizes()

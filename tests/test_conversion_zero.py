@@ -239,12 +239,13 @@ def test_incomplete_checkpoint_is_refused(run_dir, tmp_path):
     from checkpoints_conv.zero_reader import ZeroCheckpointError
     from checkpoints_conv.zero_to_safetensors import convert
     broken = tmp_path / "broken"
-    shutil.copytree(run_dir / "zero2_frozen", broken)
+    shutil.copytree(run_dir / "zero2_frozen", broken)   # outside any run directory: no config.yaml
+    with pytest.raises(ZeroCheckpointError, match="no config.yaml"):
+        convert(broken, tmp_path / "out")
     next((broken / "final").glob("*rank_1*optim_states.pt")).unlink()
     with pytest.raises(ZeroCheckpointError, match=r"written by 2 ranks but holds 1"):
         convert(broken, tmp_path / "out", config=run_dir / "config.yaml")
-    with pytest.raises(ZeroCheckpointError, match="no config.yaml"):
-        convert(run_dir / "zero2_frozen", tmp_path / "out2")
+    assert not any(tmp_path.glob("out/*.safetensors"))   # nothing half-written
 
 
 if __name__ == "__main__":
