@@ -36,6 +36,12 @@ from dualforce_mega.training.phase import apply_phase
 log = logging.getLogger("bench_train_step")
 
 DTYPE_LABEL = {torch.bfloat16: "bf16", torch.float32: "fp32"}
+# max-frames search by extrapolation: sizes probed (frames, 2x, 4x), share of memory left to the
+# allocator's fragmentation, verification attempts and the step down after a failed one
+FIT_POINTS = 3
+ALLOCATOR_MARGIN = 0.05
+FIT_VERIFY_TRIES = 3
+FIT_BACKOFF = 0.9
 
 
 @dataclass
@@ -176,30 +182,68 @@ def fits(stepper: Stepper, args: argparse.Namespace, frames: int, device: torch.
         release(device)
 
 
+def _bisect(stepper: Stepper, args: argparse.Namespace, device: torch.device) -> tuple[int, Optional[int], str]:
+    """Doubling from ``--frames`` until a step runs out of memory (or the cap), then bisection."""
+    lo, hi = 0, None
+    f = args.frames
+    while hi is None and lo < args.search_max_frames:
+        f = min(f, args.search_max_frames)
+        if fits(stepper, args, f, device):
+            lo, f = f, 2 * f
+        else:
+            hi = f
+    if lo == 0:
+        return 0, hi, f"{args.frames} latent frames already do not fit"
+    if hi is None:
+        return lo, None, f"no OOM up to --search-max-frames {args.search_max_frames}"
+    while hi - lo > args.search_tolerance:
+        mid = (lo + hi) // 2
+        if fits(stepper, args, mid, device):
+            lo = mid
+        else:
+            hi = mid
+    return lo, hi, "doubling + bisection"
+
+
+def _fit(stepper: Stepper, args: argparse.Namespace, device: torch.device) -> Optional[tuple[int, Optional[int], str]]:
+    """Peak memory is affine in the number of frames (O(L) attention, one checkpointed layer live at a
+    time): measure it at three small sizes, extrapolate to the device's memory, verify with one step
+    (stepping down by ``FIT_BACKOFF`` on OOM). Probing large sizes by bisection would cost minutes per
+    step. None if a small probe already fails."""
+    sizes = [args.frames * 2 ** i for i in range(FIT_POINTS)]
+    peaks = []
+    for f in sizes:
+        torch.cuda.reset_peak_memory_stats(device)
+        if not fits(stepper, args, f, device):
+            return None
+        peaks.append(torch.cuda.max_memory_allocated(device))
+    n = len(sizes)
+    mx, my = sum(sizes) / n, sum(peaks) / n
+    slope = sum((x - mx) * (y - my) for x, y in zip(sizes, peaks)) / sum((x - mx) ** 2 for x in sizes)
+    intercept = my - slope * mx
+    budget = torch.cuda.mem_get_info(device)[1] * (1 - ALLOCATOR_MARGIN)
+    pred = min(int((budget - intercept) / slope), args.search_max_frames)
+    model_note = f"linear fit {slope / 2**20:.0f} MiB/frame + {intercept / 2**30:.1f} GiB"
+    first_oom = None
+    for _ in range(FIT_VERIFY_TRIES):
+        if pred <= sizes[-1]:
+            break
+        if fits(stepper, args, pred, device):
+            return pred, first_oom, f"{model_note}; verified by one step at {pred}"
+        first_oom, pred = pred, int(pred * FIT_BACKOFF)
+    return sizes[-1], first_oom, f"{model_note}; prediction did not verify, largest measured size reported"
+
+
 def max_frames(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> tuple[int, Optional[int], str]:
-    """(largest frames that fit, smallest that did not or None, note) for Phase ``--search-phase``."""
+    """(largest frames that fit, smallest known not to or None, how it was found), Phase ``--search-phase``."""
     cfg = phase_config(args, args.search_phase, False, args.frames, True, args.search_backend)
     stepper = Stepper(cfg, args, device, dtype)
     try:
-        lo, hi = 0, None
-        f = args.frames
-        while f <= args.search_max_frames:   # doubling
-            if not fits(stepper, args, f, device):
-                hi = f
-                break
-            lo = f
-            f *= 2
-        if lo == 0:
-            return 0, hi, f"{args.frames} latent frames already do not fit"
-        if hi is None:
-            return lo, None, f"no OOM up to --search-max-frames {args.search_max_frames}"
-        while hi - lo > args.search_tolerance:  # bisection
-            mid = (lo + hi) // 2
-            if fits(stepper, args, mid, device):
-                lo = mid
-            else:
-                hi = mid
-        return lo, hi, ""
+        if args.search_method == "fit" and device.type == "cuda":
+            found = _fit(stepper, args, device)
+            if found is not None:
+                return found
+        return _bisect(stepper, args, device)
     finally:
         stepper.close()
         gc.collect()
@@ -226,6 +270,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--search-backend", default="flash",
                    help="attention backend for the search: flash needs no recompilation per probed length "
                         "and has the same O(L) memory as flex")
+    p.add_argument("--search-method", default="fit", choices=("fit", "bisect"),
+                   help="fit: extrapolate measured peak memory and verify with one step (CUDA); "
+                        "bisect: doubling + bisection (exact, slow at large sizes)")
     p.add_argument("--search-max-frames", type=int, default=1024)
     p.add_argument("--search-tolerance", type=int, default=4, help="stop bisecting at this frame interval")
     p.add_argument("--json", default="")

@@ -30,11 +30,16 @@ def time_fn(fn: Callable[[], Any], device: torch.device, warmup: int, iters: int
     """Median time of ``fn()`` over ``iters`` runs after ``warmup`` runs.
 
     CUDA: each run is bracketed by CUDA events (GPU time, no host sync inside the run).
-    CPU: wall clock. ``max_seconds`` > 0 stops early once that much time was spent measuring
-    (at least one sample), so very large shapes stay within a run's time limit.
+    CPU: wall clock. ``max_seconds`` > 0 caps warmup at half of it and stops measuring once that
+    much time was spent (at least one call each), so very large shapes stay within a run's limit.
     """
-    for _ in range(warmup):
+    warm_start = time.perf_counter()
+    for i in range(warmup):
         fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if max_seconds > 0 and time.perf_counter() - warm_start >= max_seconds / 2:
+            break
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     samples: list[float] = []
