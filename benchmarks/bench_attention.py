@@ -222,6 +222,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--max-seconds", type=float, default=20.0, help="measuring time cap per kernel and shape")
     p.add_argument("--no-mask-build", action="store_true", help="skip the BlockMask build table")
+    p.add_argument("--mask-build-only", action="store_true", help="only the BlockMask build table")
     p.add_argument("--json", default="", help="also write the rows here")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny fp32 shapes on CPU (CI)")
     args = p.parse_args(argv)
@@ -247,12 +248,14 @@ def main(argv: Optional[list[str]] = None) -> None:
     print(f"# block-causal attention, fwd+bwd — {device_name(device)}, {str(dtype).replace('torch.', '')}, "
           f"batch {args.batch}, {args.heads} heads x {args.head_dim}, {args.tokens_per_frame} tokens/frame")
     rows: list[Row] = []
-    for frames in args.frames:
-        for sp in args.sp:
-            rows.extend(bench_case(frames, sp, args, device, dtype))
-    headers = ["F", "P", "heads", "tokens", "backend", "ms", "TFLOP/s", "ratio", "ideal", "note"]
-    print(markdown_table(headers, [[str(r.frames), str(r.sp), str(r.heads), str(r.tokens), r.backend, fmt(r.ms),
-                                    fmt(r.tflops), fmt(r.ratio), fmt(r.ideal), r.note] for r in rows]))
+    if not args.mask_build_only:
+        for frames in args.frames:
+            for sp in args.sp:
+                rows.extend(bench_case(frames, sp, args, device, dtype))
+        headers = ["F", "P", "heads", "tokens", "backend", "ms", "TFLOP/s", "ratio", "ideal", "note"]
+        print(markdown_table(headers, [[str(r.frames), str(r.sp), str(r.heads), str(r.tokens), r.backend,
+                                        fmt(r.ms), fmt(r.tflops), fmt(r.ratio), fmt(r.ideal), r.note]
+                                       for r in rows]))
     mask_rows: list[MaskRow] = []
     if not args.no_mask_build and _flex() is not None:
         mask_rows = [bench_mask_build(f, args, device) for f in args.frames]
