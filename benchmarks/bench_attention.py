@@ -40,6 +40,8 @@ BWD_OVER_FWD = 2.5
 # Dense-mask SDPA memory per (query, key) pair: the bool mask plus the additive bias the
 # memory-efficient kernel builds from it (2 bytes in bf16/fp16, 4 in fp32).
 MASK_BYTES_PER_PAIR = {torch.bfloat16: 1 + 2, torch.float16: 1 + 2, torch.float32: 1 + 4}
+# create_block_mask's eager evaluation: two int64 gathers (query and key block ids) per token pair
+TOKEN_MASK_BYTES_PER_PAIR = 2 * 8
 # Leave this share of free memory for q/k/v, grads and the kernel's workspace.
 MEMORY_HEADROOM = 0.8
 
@@ -193,9 +195,8 @@ def bench_mask_build(frames: int, args: argparse.Namespace, device: torch.device
     n = ids.numel()
     block_ms = time_fn(lambda: flex_block_mask_from_blocks(spec, device), device, 1, args.iters,
                        args.max_seconds).median_ms
-    # create_block_mask materialises the token-level mask in chunks; skip where even one byte
-    # per pair would not fit
-    if n * n > free_memory(device) * MEMORY_HEADROOM:
+    # create_block_mask evaluates mask_mod on all pairs at once: int64 block ids gathered per pair
+    if n * n * TOKEN_MASK_BYTES_PER_PAIR > free_memory(device) * MEMORY_HEADROOM:
         return MaskRow(frames, n, None, block_ms, f"token-level skipped: {n}^2 pairs exceed free memory")
     mod = _mask_mod(spec, device)
     try:

@@ -24,7 +24,7 @@ from typing import Callable, Optional
 
 import torch
 
-from common import dump_json, free_memory, markdown_table, release  # noqa: I100
+from common import allow_recompiles, dump_json, free_memory, markdown_table, release  # noqa: I100
 from dualforce_mega.data.synthetic import make_synthetic_clip
 from dualforce_mega.models.attention import MaskSpec, _flex, _sdpa, block_attention
 from dualforce_mega.models.fp8 import FP8_DIM_MULTIPLE, _torchao_available, _te_available, convert_linears, \
@@ -251,6 +251,8 @@ def fp8_loss_check(setup: Setup, args: argparse.Namespace, backend: str, steps: 
 # --------------------------------------------------------------------------------------
 def run_checks(args: argparse.Namespace) -> list[Check]:
     setup = Setup.detect(args.cpu_smoke)
+    if setup.device.type == "cuda":
+        allow_recompiles(2 * len(args.frames) * len(args.sp) + 8)  # attention shapes + the model's
     checks: list[Check] = []
     for frames in args.frames:
         for sp in args.sp:
