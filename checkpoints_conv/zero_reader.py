@@ -126,16 +126,37 @@ class ZeroCheckpoint:
                                       f"{len(self.optim_files)} *_optim_states.pt files (incomplete save?)")
         if self.stage not in (1, 2, 3):
             raise ZeroCheckpointError(f"{self.optim_files[0]}: unsupported zero_stage {self.stage}")
+        self.flat: list[list[torch.Tensor]] = []
+        self._map_partitions(reload=False)
+        # Pages of mapped files stay resident once read; re-mapping after this many bytes drops them,
+        # so peak memory is one output shard plus this much (the converter sets its shard size).
+        self.remap_bytes: Optional[int] = None
+        self._since_remap = 0
+        self.group_shapes: list[dict[str, torch.Size]] = list(self.model0["param_shapes"])
+        self.paddings = self._optim[0][OPTIM_KEY].get("param_alignment_paddings")
+        self._check_sizes()
+
+    def _map_partitions(self, reload: bool = True) -> None:
+        if reload:
+            self._optim = self.flat = None  # unmap before mapping again
+            self._optim = [safe_torch_load(f, mmap=True) for f in self.optim_files]
         key = "fp32_flat_groups" if self.stage == 3 else "single_partition_of_fp32_groups"
-        self.flat = []
+        flat = []
         for f, sd in zip(self.optim_files, self._optim):
             groups = sd[OPTIM_KEY].get(key)
             if not isinstance(groups, list) or not all(torch.is_tensor(t) for t in groups):
                 raise ZeroCheckpointError(f"{f}: {OPTIM_KEY}.{key} is missing or not a list of tensors")
-            self.flat.append([t.detach().reshape(-1) for t in groups])  # saved with requires_grad
-        self.group_shapes: list[dict[str, torch.Size]] = list(self.model0["param_shapes"])
-        self.paddings = self._optim[0][OPTIM_KEY].get("param_alignment_paddings")
-        self._check_sizes()
+            flat.append([t.detach().reshape(-1) for t in groups])  # saved with requires_grad
+        self.flat = flat
+
+    def _account(self, t: torch.Tensor) -> bool:
+        """Count bytes read; re-map the partitions (releasing their pages) past ``remap_bytes``."""
+        self._since_remap += t.numel() * t.element_size()
+        if self.remap_bytes is None or self._since_remap < self.remap_bytes:
+            return False
+        self._since_remap = 0
+        self._map_partitions()
+        return True
 
     # ------------------------------------------------------------------ metadata
     @property
@@ -212,7 +233,10 @@ class ZeroCheckpoint:
                 n = math.prod(shape)
                 k = math.ceil(n / self.world)
                 chunks = [c for r in range(self.world) for c in _read_range(self.flat[r], starts, off, off + k)]
-                yield name, torch.cat(chunks)[:n].view(tuple(shape)).clone()
+                t = torch.cat(chunks)[:n].view(tuple(shape)).clone()
+                del chunks
+                self._account(t)
+                yield name, t
                 off += k
 
     def _stage12_params(self) -> Iterator[tuple[str, torch.Tensor]]:
@@ -224,7 +248,10 @@ class ZeroCheckpoint:
             off = 0
             for pi, (name, shape) in enumerate(g.items()):
                 n = math.prod(shape)
-                yield name, torch.cat(_read_range(pieces, starts, off, off + n)).view(tuple(shape)).clone()
+                t = torch.cat(_read_range(pieces, starts, off, off + n)).view(tuple(shape)).clone()
+                if self._account(t):
+                    pieces = [self.flat[r][gi] for r in range(self.world)]
+                yield name, t
                 off += n + (self.paddings[gi][pi] if self.paddings is not None else 0)
 
     def _frozen_params(self) -> Iterator[tuple[str, torch.Tensor]]:

@@ -70,6 +70,7 @@ def convert(src: Path, out_dir: Path, dtype: str = "fp32", tag: Optional[str] = 
     if require_config or config or loc.run_dir:
         cfg = resolve_config(loc.run_dir, config, Path(src))
     ckpt = ZeroCheckpoint(loc.tag_dir)
+    ckpt.remap_bytes = parse_size(max_shard_size)
     target = DTYPES[dtype]
     specs = [TensorSpec(n, shape, output_dtype(dt, target)) for n, shape, dt in ckpt.specs()]
     meta = {"source": str(loc.tag_dir), "tag": loc.tag, "zero_stage": str(ckpt.stage),
