@@ -100,7 +100,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     trainer = Trainer(cfg, groups, device, rank, world)
     trainer.fit()
     torch.distributed.barrier()
+    log.info("training finished: %s", run_dir)
     torch.distributed.destroy_process_group()
+    log.info("process group destroyed")
     return 0
 
 
