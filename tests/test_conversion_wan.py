@@ -224,3 +224,19 @@ def test_imported_tower_matches_diffusers_forward(tmp_path, sigma, atol):
     assert ours.shape == theirs.shape
     err = (ours - theirs).abs().max().item()
     assert err <= atol * theirs.abs().max().item(), f"max abs diff {err:.3e}"
+
+
+def test_wan_1_3b_shapes_match_the_lite_and_wan_presets():
+    """The documented Wan2.1-T2V-1.3B shapes are what our full-size video towers expect (built on meta)."""
+    from dualforce_mega.models import DualForceModel
+    wan = {"patch_embedding.weight": (1536, 16, 1, 2, 2), "text_embedding.0.weight": (1536, 4096),
+           "time_embedding.0.weight": (1536, 256), "time_projection.1.weight": (9216, 1536),
+           "head.head.weight": (64, 1536), "head.modulation": (1, 2, 1536), "blocks.0.modulation": (1, 6, 1536),
+           "blocks.0.self_attn.q.weight": (1536, 1536), "blocks.0.cross_attn.k.weight": (1536, 1536),
+           "blocks.0.norm3.weight": (1536,), "blocks.0.ffn.0.weight": (8960, 1536), "blocks.0.ffn.2.weight": (1536, 8960)}
+    for preset, layers in (("lite", 20), ("wan1.3b", 30)):
+        with torch.device("meta"):
+            sd = DualForceModel(load_config(None, [f"model.preset={preset}"]).model).state_dict()
+        for k, shape in wan.items():
+            assert tuple(sd[f"video.{k}"].shape) == shape, (preset, k)
+        assert f"video.blocks.{layers - 1}.ffn.0.weight" in sd and f"video.blocks.{layers}.ffn.0.weight" not in sd

@@ -22,7 +22,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_STEPS = 3
 WORLD = 2
-EXTRA = {"zero2_frozen": 2, "zero3_frozen": 3}   # extra engines: name -> ZeRO stage
+EXTRA = {"zero1_frozen": 1, "zero2_frozen": 2, "zero3_frozen": 3}   # extra engines: name -> ZeRO stage
 OUTPUT_FIELDS = ("video", "struct", "flame", "lip_struct", "lip_audio")
 
 
