@@ -68,7 +68,7 @@ class MetricsWriter:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             # purge_step drops events a crashed run logged after the checkpoint we resume from
-            self.tb = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=resume_step + 1 if resume_step else None)
+            self.tb = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=resume_step + 1)
         self.file = open(self.path, "a")
 
     def _truncate_after(self, step: int) -> None:

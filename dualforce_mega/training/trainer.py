@@ -22,6 +22,7 @@ from ..models import DualForceModel
 from ..parallel.deepspeed_config import (build_deepspeed_config, grad_accum_steps, optimizer_param_groups,
                                          resolve_precision)
 from ..parallel.groups import Groups
+from ..parallel.sequence_parallel import apply_sequence_parallel
 from .checkpoint import CheckpointManager, Resumed
 from .data_feed import GlobalBatchFeed
 from .metrics import MetricAccumulator, MetricsWriter
@@ -63,6 +64,9 @@ class Trainer:
         self.objective = DiffusionForcingObjective(cfg)
 
         model = build_model(cfg)
+        # shard the video tokens over the SP group (no-op at sp=1); ranks of a group share the batch and
+        # noise, and DeepSpeed's world-average of gradients is then exact (parallel/sequence_parallel.py)
+        apply_sequence_parallel(model, groups.sp_group)
         ds_config = build_deepspeed_config(cfg, groups.dp_size, device.type)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=optimizer_param_groups(model, cfg.train.weight_decay),
@@ -114,7 +118,9 @@ class Trainer:
         inputs = self._model_inputs(inputs)
         if count:   # once, on GPU: FLOPs of this micro batch's forward, for MFU
             out, fwd = count_flops(lambda: self.engine(**inputs, return_aux=True))
-            self.flops_per_sample = train_flops_per_sample(fwd, inputs["video_latent"].shape[0])
+            # with sequence parallelism this rank computed 1/sp of each sample's tokens
+            self.flops_per_sample = train_flops_per_sample(fwd * self.groups.sp_size,
+                                                           inputs["video_latent"].shape[0])
         else:
             out = self.engine(**inputs, return_aux=True)
         loss, metrics = self.objective.losses(out, targets.to(self.device))
