@@ -36,10 +36,11 @@ log = logging.getLogger("gpu_checks")
 SLACK = 2.0
 # ... plus this fraction of the reference's largest magnitude (errors far below rounding noise)
 FLOOR = 1e-3
-# FP8 (E4M3: 3 mantissa bits) relative error bounds of one linear vs bf16, output and gradients;
-# observed ~4% (output) per tensor-wise-scaled GEMM, the bound leaves 2x margin
-FP8_LINEAR_REL = 0.08
-FP8_GRAD_REL = 0.12
+# FP8 relative L2 error bounds of one FFN (two GEMMs) vs high precision, output and input gradient
+# (E4M3 forward, E5M2 gradients). Observed with the torch backend on the CPU smoke (32->64->32):
+# 5.2 % and 7.1 %; the bounds leave ~2x margin and still catch a wrong scale (errors ~100 %).
+FP8_LINEAR_REL = 0.10
+FP8_GRAD_REL = 0.15
 LOSS_STEPS = 50
 LOSS_WINDOW = 10
 LOSS_REL = 0.02
