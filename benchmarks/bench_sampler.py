@@ -1,6 +1,6 @@
 """Sampler throughput: KV-cache vs full recomputation, side by side in one run.
 
-    python -m benchmarks.bench_sampler                       # tiny model on CPU (~1-3 min)
+    python -m benchmarks.bench_sampler --threads 1           # tiny model on CPU (~1 min)
     python -m benchmarks.bench_sampler --preset lite --device cuda --dtype bf16 --latent-hw 30 52
 
 Generates ``--lengths`` latent frames (reference included) with random weights and prints
@@ -50,7 +50,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--chunk-blocks", type=int, default=1)
     ap.add_argument("--window-blocks", type=int, default=0, help="0 = unbounded history")
     ap.add_argument("--ar-step", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default); "
+                                                            "tiny CPU runs are fastest with 1")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
@@ -60,7 +64,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     cfg = DiffusionConfig(sample_steps=args.steps, chunk_blocks=args.chunk_blocks,
                           window_blocks=args.window_blocks, ar_step=args.ar_step)
     h, w = args.latent_hw
-    print(f"preset={args.preset} device={device} dtype={dtype} latent={h}x{w} steps={args.steps} "
+    print(f"preset={args.preset} device={device} dtype={dtype} threads={torch.get_num_threads()} "
+          f"latent={h}x{w} steps={args.steps} "
           f"chunk_blocks={args.chunk_blocks} window_blocks={args.window_blocks} ar_step={args.ar_step}")
     # warm-up (kernel selection, allocator) on a short clip, both paths
     warm = SampleInputs(torch.randn(1, mcfg.in_channels, h, w), 3, [0],

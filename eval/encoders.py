@@ -17,6 +17,7 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKLWan
+from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
 from transformers import AutoConfig, HubertConfig, HubertModel, Wav2Vec2Model
 
 log = logging.getLogger(__name__)
@@ -69,8 +70,10 @@ class StreamingDecoder:
     """
 
     def __init__(self, vae: WanVAE):
+        if vae.vae.config.patch_size is not None:
+            raise ValueError("VAE config: patch_size is set (Wan2.2 layout); DualForce uses the Wan2.1 VAE")
         self.wan = vae
-        n_convs = sum(1 for m in vae.vae.decoder.modules() if type(m).__name__ == "WanCausalConv3d")
+        n_convs = sum(1 for m in vae.vae.decoder.modules() if isinstance(m, WanCausalConv3d))
         self.feat_cache: list = [None] * n_convs
         self.first = True
 
@@ -86,10 +89,7 @@ class StreamingDecoder:
             outs.append(w.vae.decoder(x[:, :, i:i + 1], feat_cache=self.feat_cache, feat_idx=[0],
                                       first_chunk=self.first))
             self.first = False
-        out = torch.cat(outs, dim=2)
-        if w.vae.config.patch_size is not None:
-            raise ValueError("VAE config: patch_size is set (Wan2.2 layout); DualForce uses the Wan2.1 VAE")
-        return out.float().clamp(-1.0, 1.0)
+        return torch.cat(outs, dim=2).float().clamp(-1.0, 1.0)
 
 
 def tiny_vae(base_dim: int = 8, z_dim: int = 16) -> AutoencoderKLWan:

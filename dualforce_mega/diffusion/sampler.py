@@ -123,6 +123,7 @@ class ARSampler:
                 xv, xs, pin_v, pin_s = self._init_chunk(chunk, inputs, ref, use_struct)
                 known = bool(pin_v.all()) and (xs is None or bool(pin_s.all()))
                 blocks = block_of_frames(chunk.frame_ids, mcfg.causal_block_size)
+                counts = self._struct_counts(chunk)
                 n_blocks = int(blocks[-1]) + 1
                 for p in ([] if known else pyramid_passes(n_blocks, sigmas, d.ar_step)):
                     sv, sv_next = p.sigma[blocks], p.sigma_next[blocks]
@@ -131,7 +132,6 @@ class ARSampler:
                     vel_v, vel_s = self._velocity(history, chunk, xv, sv, xs, ss, branches, audio, kp, text)
                     xv = euler_step(xv, vel_v, self._per_frame(sv, xv), self._per_frame(sv_next, xv))
                     if xs is not None:
-                        counts = self._struct_counts(chunk)
                         xs = euler_step(xs, vel_s, self._per_token(ss, counts, xs), self._per_token(ss_next, counts, xs))
                 if history.needs_writing_pass:
                     zero = torch.zeros(chunk.end - chunk.start)
@@ -168,23 +168,26 @@ class ARSampler:
         return spans[:, 1] - spans[:, 0] + 1
 
     def _init_chunk(self, chunk: Chunk, inputs: SampleInputs, ref: torch.Tensor, use_struct: bool):
-        """Noise for every frame of the chunk; the reference frame (and motion) pinned clean."""
+        """Noise for every frame of the chunk; the reference frame (and motion) pinned clean.
+
+        The sampler state stays fp32 whatever the model dtype (the model casts its inputs), so
+        low-precision velocities do not accumulate rounding over the Euler steps."""
         b, c, h, w = ref.shape
         ids = chunk.frame_ids.tolist()
         xv = torch.stack([torch.stack([frame_noise(s, "video", t, (c, h, w)) for t in ids], dim=1)
-                          for s in inputs.seeds]).to(self.device, self.dtype)
+                          for s in inputs.seeds]).to(self.device)
         pin_v = chunk.frame_ids == 0
         pin_s = torch.zeros_like(pin_v)
         if pin_v[0]:
-            xv[:, :, 0] = ref.to(self.device, self.dtype)
+            xv[:, :, 0] = ref.to(self.device, torch.float32)
         xs = None
         if use_struct:
             md = self.model.cfg.motion_dim
             counts = self._struct_counts(chunk).tolist()
             xs = torch.stack([torch.cat([frame_noise(s, "struct", t, (n, md)) for t, n in zip(ids, counts)])
-                              for s in inputs.seeds]).to(self.device, self.dtype)
+                              for s in inputs.seeds]).to(self.device)
             if pin_v[0] and inputs.ref_motion is not None:
-                xs[:, 0] = inputs.ref_motion.to(self.device, self.dtype)
+                xs[:, 0] = inputs.ref_motion.to(self.device, torch.float32)
                 pin_s = pin_v.clone()
         return xv, xs, pin_v, pin_s
 
