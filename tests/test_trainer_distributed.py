@@ -91,7 +91,7 @@ def test_readme_command_trains_and_loss_falls(straight) -> None:
     records = _records(run_dir)
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))
     for key in ("loss", "loss_video", "loss_struct", "loss_flame", "loss_lipsync", "lr", "grad_norm",
-                "tokens_per_s", "step_time_s", "memory_mb"):
+                "tokens_per_s", "step_time_s", "memory_mb", "model_tflops_per_s"):
         assert all(isinstance(r[key], float) for r in records), key
     assert any(k.startswith("loss_video_sigma_") for r in records for k in r)
     losses = [r["loss"] for r in records]

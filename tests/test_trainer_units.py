@@ -11,6 +11,7 @@ import torch
 
 from data_tools.make_synthetic_shards import write_synthetic_shards
 from dualforce_mega.config import ConfigError, build_config
+from dualforce_mega.flops import forward_flops
 from dualforce_mega.parallel.deepspeed_config import build_deepspeed_config, grad_accum_steps
 from dualforce_mega.training.checkpoint import CheckpointManager, TMP_PREFIX, tag_for
 from dualforce_mega.training.data_feed import GlobalBatchFeed
@@ -19,6 +20,7 @@ from dualforce_mega.training.metrics import MetricAccumulator
 from dualforce_mega.training.phase import apply_phase
 from dualforce_mega.training.preflight import check_shards, check_world, hostfile_slots
 from dualforce_mega.training.schedule import build_lr_scheduler, lr_factor
+from dualforce_mega.training.trainer import sample_training_flops, tokens_in
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = ("launch/pretrain_causal.sh", "launch/train_dualforce.sh")
@@ -266,3 +268,19 @@ def test_script_defaults_under_a_launcher() -> None:
     gpu = script_args(4, ["--config", "my.yaml"], has_gpu=True)
     assert gpu == ["--set", "train.phase=4", "--config", "my.yaml"]
     assert script_args(4, [], has_gpu=True)[3].endswith("launch/configs/phase4.yaml")
+
+
+# ------------------------------------------------------------------------------ throughput accounting
+def test_flops_and_tokens_follow_the_batch_shapes() -> None:
+    cfg = build_config({})
+    m = cfg.model
+    frames, h, w = 3, 8, 6
+    n = 1 + m.vae_temporal_stride * (frames - 1)
+    video = {"video_latent": torch.zeros(2, m.in_channels, frames, h, w)}
+    full = dict(video, struct=torch.zeros(2, n, m.motion_dim), audio=torch.zeros(2, 2 * n, m.audio_dim))
+    expected = forward_flops(m, 1, frames, (h, w), with_struct=True, with_audio=True).training
+    assert sample_training_flops(cfg, full) == expected
+    assert sample_training_flops(cfg, video) < expected            # phase-2 inputs: video tower only
+    patches = frames * (h // m.patch_size[1]) * (w // m.patch_size[2])
+    assert tokens_in(video, m.patch_size) == 2 * patches
+    assert tokens_in(full, m.patch_size) == 2 * (patches + n)

@@ -1,13 +1,12 @@
-"""Resource telemetry for the metrics record: memory, GPU power/utilisation/temperature, FLOPs and MFU."""
+"""Resource telemetry for the metrics record: memory, GPU power/utilisation/temperature, peak FLOP/s, MFU."""
 from __future__ import annotations
 
 import logging
 import os
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 log = logging.getLogger(__name__)
 
@@ -60,20 +59,6 @@ class GpuMonitor:
             log.warning("GPU telemetry read failed, disabling: %s", e)
             self.handle = None
             return {}
-
-
-def count_flops(fn: Callable[[], Any]) -> tuple[Any, int]:
-    """Run ``fn`` once under torch's FLOP counter (matmuls, convolutions, attention) -> (result, flops)."""
-    counter = FlopCounterMode(display=False)
-    with counter:
-        result = fn()
-    return result, int(counter.get_total_flops())
-
-
-def train_flops_per_sample(forward_flops: int, micro_batch: int) -> float:
-    """Model FLOPs of forward + backward per sample: backward costs twice the forward (standard MFU
-    convention; activation-checkpoint recomputation is not counted as useful work)."""
-    return 3.0 * forward_flops / micro_batch
 
 
 def measure_peak_flops(device: torch.device, dtype: torch.dtype, size: int = 8192, iters: int = 10) -> float:

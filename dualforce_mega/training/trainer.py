@@ -18,7 +18,9 @@ import torch
 from ..config import Config
 from ..diffusion.noise import sample_seeds
 from ..diffusion.objective import DiffusionForcingObjective
+from ..flops import forward_flops
 from ..models import DualForceModel
+from ..models.fp8 import apply_fp8, fp8_autocast
 from ..parallel.deepspeed_config import (build_deepspeed_config, grad_accum_steps, optimizer_param_groups,
                                          resolve_precision)
 from ..parallel.groups import Groups
@@ -26,7 +28,7 @@ from ..parallel.sequence_parallel import apply_sequence_parallel
 from .checkpoint import CheckpointManager, Resumed
 from .data_feed import GlobalBatchFeed
 from .metrics import MetricAccumulator, MetricsWriter
-from .monitor import GpuMonitor, count_flops, measure_peak_flops, memory_mb, mfu, train_flops_per_sample
+from .monitor import GpuMonitor, measure_peak_flops, memory_mb, mfu
 from .rng import capture_rng, restore_rng
 from .schedule import build_lr_scheduler
 
@@ -53,6 +55,15 @@ def tokens_in(inputs: dict[str, torch.Tensor], patch_size: tuple) -> int:
     return tokens
 
 
+def sample_training_flops(cfg: Config, inputs: dict[str, torch.Tensor]) -> float:
+    """Model FLOPs (forward + backward, no recomputation) of one sample of this batch's shape."""
+    _, _, frames, h, w = inputs["video_latent"].shape
+    text_len = inputs["text_emb"].shape[1] if "text_emb" in inputs else 0
+    count = forward_flops(cfg.model, 1, frames, (h, w), text_len=text_len, with_struct="struct" in inputs,
+                          with_audio="audio" in inputs, return_aux=True, attention="causal")
+    return count.training
+
+
 class Trainer:
     def __init__(self, cfg: Config, groups: Groups, device: torch.device, rank: int, world_size: int):
         self.cfg, self.groups, self.device = cfg, groups, device
@@ -67,6 +78,9 @@ class Trainer:
         # shard the video tokens over the SP group (no-op at sp=1); ranks of a group share the batch and
         # noise, and DeepSpeed's world-average of gradients is then exact (parallel/sequence_parallel.py)
         apply_sequence_parallel(model, groups.sp_group)
+        # FP8 linears replace parameters: convert on the final device and dtype, before the optimizer exists
+        model.to(device=device, dtype=self.dtype)
+        self.fp8 = apply_fp8(model, cfg, device)
         ds_config = build_deepspeed_config(cfg, groups.dp_size, device.type)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=optimizer_param_groups(model, cfg.train.weight_decay),
@@ -111,17 +125,14 @@ class Trainer:
         return {k: v.to(self.dtype) if isinstance(v, torch.Tensor) and v.is_floating_point()
                 and not k.startswith("sigma") else v for k, v in inputs.items()}
 
-    def _micro_step(self, batch: dict[str, Any], step: int, acc: MetricAccumulator, count: bool) -> None:
+    def _micro_step(self, batch: dict[str, Any], step: int, acc: MetricAccumulator) -> None:
         batch = self._to_device(batch)
         seeds = sample_seeds(self.cfg.train.seed, step, batch["__index__"].cpu())
         inputs, targets = self.objective.prepare(batch, seeds)
         inputs = self._model_inputs(inputs)
-        if count:   # once, on GPU: FLOPs of this micro batch's forward, for MFU
-            out, fwd = count_flops(lambda: self.engine(**inputs, return_aux=True))
-            # with sequence parallelism this rank computed 1/sp of each sample's tokens
-            self.flops_per_sample = train_flops_per_sample(fwd * self.groups.sp_size,
-                                                           inputs["video_latent"].shape[0])
-        else:
+        if self.flops_per_sample is None:
+            self.flops_per_sample = sample_training_flops(self.cfg, inputs)
+        with fp8_autocast(self.fp8):
             out = self.engine(**inputs, return_aux=True)
         loss, metrics = self.objective.losses(out, targets.to(self.device))
         self.engine.backward(loss)
@@ -146,8 +157,7 @@ class Trainer:
                 torch.cuda.synchronize(self.device)
             t0 = time.perf_counter()
             for micro in range(self.accum):
-                count = self.device.type == "cuda" and self.flops_per_sample is None
-                self._micro_step(self.data.next(micro), step, acc, count)
+                self._micro_step(self.data.next(micro), step, acc)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             step_time = time.perf_counter() - t0
@@ -176,6 +186,8 @@ class Trainer:
             "samples": reduced["samples"],
             "sample_ids": reduced["sample_ids"],
         })
+        if self.flops_per_sample:
+            record["model_tflops_per_s"] = self.flops_per_sample * reduced["samples"] / step_time / 1e12
         value = mfu(self.flops_per_sample, reduced["samples"], step_time, self.world_size, self.peak_flops)
         if value is not None:
             record["mfu"] = value
