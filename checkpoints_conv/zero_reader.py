@@ -170,8 +170,16 @@ class ZeroCheckpoint:
         return dict(self.model0.get("frozen_param_shapes") or {})
 
     def _buffers(self) -> list[str]:
+        """Tensors taken from the rank-0 ``module`` state dict: the buffers and, for stages 1/2 (whose
+        ``module`` holds full tensors), parameters the optimizer does not own — frozen parameters that
+        DeepSpeed lists nowhere else at stage 1 (its own zero_to_fp32 drops them)."""
         module = self.model0["module"]
-        return [n for n in self.model0["buffer_names"] if n in module]
+        names = [n for n in self.model0["buffer_names"] if n in module]
+        if self.stage <= 2:
+            owned = {n for g in self.group_shapes for n in g} | set(self._frozen()) | set(names) | \
+                {a for a, _ in self._shared()}
+            names += [n for n in module if n not in owned]
+        return names
 
     def _shared(self) -> list[tuple[str, str]]:
         return [(a, b) for a, b in (self.model0.get("shared_params") or {}).items()]

@@ -126,13 +126,15 @@ def single_thread_forward(model, model_cfg) -> dict[str, torch.Tensor]:
         torch.set_num_threads(threads)
 
 
-def assert_same_as_deepspeed(converted: Path, ds_dir: Path, tag: str) -> None:
+def assert_same_as_deepspeed(converted: Path, ds_dir: Path, tag: str, allow_extra: tuple = ()) -> None:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     from dualforce_mega.bundle import read_state_dict
     ours = read_state_dict(converted)
     ref = get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=tag)
-    assert set(ours) == set(ref)
+    # DeepSpeed's reconstruction drops frozen parameters of ZeRO-1 checkpoints; we take them from the
+    # full module state dict that stage 1/2 checkpoints hold (the forward comparison checks their values)
+    assert set(ours) - set(ref) <= set(allow_extra) and set(ref) <= set(ours)
     bad = [k for k in ref if not torch.equal(ours[k], ref[k].contiguous())]
     assert not bad, f"tensors differ from zero_to_fp32: {bad[:5]}"
 
@@ -171,7 +173,8 @@ def test_zero2_and_frozen_parameters(run_dir, engine_outputs, tmp_path, name):
     got = single_thread_forward(model, cfg.model)
     for k in OUTPUT_FIELDS:
         assert torch.equal(got[k], engine_outputs[name][k]), k
-    assert_same_as_deepspeed(tmp_path / name, run_dir / name, "final")
+    frozen = ("video.patch_embedding.weight", "video.patch_embedding.bias") if EXTRA[name] == 1 else ()
+    assert_same_as_deepspeed(tmp_path / name, run_dir / name, "final", allow_extra=frozen)
 
 
 def test_sharding_bf16_and_diff(run_dir, tmp_path):
