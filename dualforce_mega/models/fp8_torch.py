@@ -29,12 +29,19 @@ AMAX_EPS = 1e-12
 
 
 def quantize(x: torch.Tensor, fp8_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x in ``fp8_dtype`` scaled into its range, fp32 dequantisation scale ``amax / FP8_MAX``)."""
+    """(x in ``fp8_dtype`` scaled into its range, fp32 dequantisation scale).
+
+    Few passes over x, no fp32 copy (eager casts are memory-bound and run on every GEMM operand):
+    one min/max reduction, one scaled copy in x's dtype, an in-place clamp (E4M3 has no inf: an
+    overflow would become NaN), the cast. The dequantisation scale is the reciprocal of the scale
+    actually applied (after rounding it to x's dtype), so dequantise(quantise(x)) is consistent.
+    """
     fp8_max = torch.finfo(fp8_dtype).max
-    amax = x.detach().abs().amax().float().clamp_min(AMAX_EPS)
-    scale = fp8_max / amax
-    q = (x.float() * scale).clamp(-fp8_max, fp8_max).to(fp8_dtype)
-    return q, scale.reciprocal()
+    lo, hi = torch.aminmax(x.detach())
+    amax = torch.maximum(lo.abs(), hi.abs()).float().clamp_min(AMAX_EPS)
+    scale = (fp8_max / amax).to(x.dtype)
+    q = (x.detach() * scale).clamp_(-fp8_max, fp8_max).to(fp8_dtype)
+    return q, scale.float().reciprocal()
 
 
 def _column_major(t: torch.Tensor) -> torch.Tensor:
