@@ -396,3 +396,13 @@ def test_summary_judges_targets() -> None:
     checks = {"checks": [dict(name="fp8 loss torch vs bf16", passed=False, value=0.03, bound=0.02, detail="")]}
     rows = summarize.check_rows(checks)
     assert rows[0][3] == "NO" and rows[-1][1] == "0/1 passed"
+
+
+def test_torch_fp8_linear_zero_gradient_stays_finite() -> None:
+    """Zero-initialised heads send exactly zero gradients at the start of training: no inf/NaN scales."""
+    lin = TorchFP8Linear.from_linear(nn.Linear(32, 16))
+    x = torch.randn(5, 32, requires_grad=True)
+    lin(x).backward(torch.zeros(5, 16))
+    assert torch.equal(x.grad, torch.zeros_like(x)) and torch.equal(lin.weight.grad, torch.zeros_like(lin.weight))
+    y = lin(torch.zeros(3, 32))
+    assert torch.equal(y, lin.bias.detach().expand(3, -1))
