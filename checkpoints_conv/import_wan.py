@@ -184,7 +184,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("src", type=Path)
     ap.add_argument("out", type=Path)
-    ap.add_argument("--layers", default=None, help="source layers: a-b, a,b,c or N (first N); default: first model.layers")
+    ap.add_argument("--layers", default=None,
+                    help="source layers: a-b, a,b,c or N (first N); default: the first model.layers")
     ap.add_argument("--preset", default=None, help="model preset (default lite unless --config is given)")
     ap.add_argument("--config", type=Path, default=None, help="YAML config of the target model/run")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")

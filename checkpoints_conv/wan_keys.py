@@ -150,7 +150,8 @@ def parse_layers(spec: Optional[str], available: int, default_count: int) -> lis
         raise ValueError(f"--layers: {spec!r} selects a layer twice")
     bad = [i for i in sel if i >= available]
     if bad:
-        raise ValueError(f"--layers: {spec!r} selects layers {bad}, the checkpoint has {available} (0..{available - 1})")
+        raise ValueError(f"--layers: {spec!r} selects layers {bad}, the checkpoint has {available} "
+                         f"(0..{available - 1})")
     if not sel:
         raise ValueError(f"--layers: {spec!r} selects no layer")
     return sel

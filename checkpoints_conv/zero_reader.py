@@ -17,7 +17,11 @@ Stages 1/2 partition each *group*: the group's flat buffer (parameters back to b
 its alignment padding) is split into W equal consecutive pieces.
 
 Optimizer files are memory-mapped, so a tensor costs only its own bytes when read; nothing is
-concatenated at the scale of a whole partition.
+concatenated at the scale of a whole partition. Pages read from a mapping stay resident until it is
+unmapped, so the partitions are re-mapped every ``remap_bytes`` (the converter's shard size).
+
+Stage-1/2 ``module`` state dicts hold full tensors; parameters the optimizer does not own (frozen ones,
+which stage 1 lists nowhere else) are taken from there.
 """
 from __future__ import annotations
 
@@ -162,9 +166,6 @@ class ZeroCheckpoint:
     @property
     def global_steps(self) -> Optional[int]:
         return self.model0.get("global_steps")
-
-    def client_state(self) -> dict[str, Any]:
-        return self.model0
 
     def _frozen(self) -> dict[str, torch.Size]:
         return dict(self.model0.get("frozen_param_shapes") or {})

@@ -16,6 +16,7 @@ from checkpoints_conv.export_wan import WAN_BASENAME, export_wan_state
 from checkpoints_conv.export_wan import main as export_main
 from checkpoints_conv.import_wan import REPORT_NAME, WanImportError, import_wan_state
 from checkpoints_conv.import_wan import main as import_main
+from checkpoints_conv.safetensors_io import write_state_dict
 from dualforce_mega.bundle import load_bundle, read_state_dict
 from dualforce_mega.config import load_config
 
@@ -106,10 +107,10 @@ def test_parse_layers():
 
 
 def test_diffusers_round_trip_is_exact(tmp_path):
-    src = tmp_path / "wan_diffusers"
-    src.mkdir()
+    src = tmp_path / "wan_diffusers"   # sharded like a diffusers transformer/ folder
     sd = {k: v.contiguous() for k, v in tiny_wan_diffusers().state_dict().items()}
-    save_file(sd, str(src / f"{WAN_BASENAME}.safetensors"))
+    write_state_dict(src, sd, max_bytes=64 * 1024, base=WAN_BASENAME)
+    assert (src / f"{WAN_BASENAME}.safetensors.index.json").is_file()
     out = tmp_path / "imported"
     assert import_main([str(src), str(out), "--preset", "tiny", "--layers", "2"]) == 0
     report = json.loads((out / REPORT_NAME).read_text())
@@ -143,7 +144,6 @@ def test_original_round_trip_with_layer_selection_and_report(tmp_path):
     assert torch.equal(state["video.blocks.0.ffn.0.weight"], sd["blocks.1.ffn.0.weight"])
     assert torch.equal(state["video.blocks.1.self_attn.norm_k.weight"], sd["blocks.2.self_attn.norm_k.weight"])
     out = tmp_path / "ours"
-    from checkpoints_conv.safetensors_io import write_state_dict
     write_state_dict(out, state, max_bytes=10**9)
     exported, erep = export_wan_state(out, "original")
     assert all(".audio_" in k for k in erep["not_exported"]) and erep["dropped_non_video"] > 0
@@ -175,7 +175,8 @@ def test_shape_mismatch_and_missing_tensor_fail_loudly(tmp_path):
     with pytest.raises(WanImportError, match=r"blocks\.0\.ffn\.0\.bias -> video\.blocks\.0\.ffn\.0\.bias: "
                                              r"source shape \(128,\) does not match the model's \(96,\)"):
         import_wan_state(src, cfg_for(2, "model.ffn_dim=96"))
-    with pytest.raises(WanImportError, match=r"head\.head\.bias: source shape \(64,\) does not match the model's \(32,\)"):
+    with pytest.raises(WanImportError,
+                       match=r"head\.head\.bias: source shape \(64,\) does not match the model's \(32,\)"):
         import_wan_state(src, cfg_for(2, "model.out_channels=8"))
     del sd["blocks.1.cross_attn.norm_q.weight"]
     save_file(sd, str(src))
@@ -233,10 +234,24 @@ def test_wan_1_3b_shapes_match_the_lite_and_wan_presets():
            "time_embedding.0.weight": (1536, 256), "time_projection.1.weight": (9216, 1536),
            "head.head.weight": (64, 1536), "head.modulation": (1, 2, 1536), "blocks.0.modulation": (1, 6, 1536),
            "blocks.0.self_attn.q.weight": (1536, 1536), "blocks.0.cross_attn.k.weight": (1536, 1536),
-           "blocks.0.norm3.weight": (1536,), "blocks.0.ffn.0.weight": (8960, 1536), "blocks.0.ffn.2.weight": (1536, 8960)}
+           "blocks.0.norm3.weight": (1536,), "blocks.0.ffn.0.weight": (8960, 1536),
+           "blocks.0.ffn.2.weight": (1536, 8960)}
     for preset, layers in (("lite", 20), ("wan1.3b", 30)):
         with torch.device("meta"):
             sd = DualForceModel(load_config(None, [f"model.preset={preset}"]).model).state_dict()
         for k, shape in wan.items():
             assert tuple(sd[f"video.{k}"].shape) == shape, (preset, k)
         assert f"video.blocks.{layers - 1}.ffn.0.weight" in sd and f"video.blocks.{layers}.ffn.0.weight" not in sd
+
+
+def test_wrapper_prefix_is_stripped_and_mixed_layouts_refused(tmp_path):
+    sd = random_state(original_shapes(2), seed=8)
+    src = tmp_path / "prefixed.safetensors"
+    save_file({f"model.diffusion_model.{k}": v for k, v in sd.items()}, str(src))
+    state, rep = import_wan_state(src, cfg_for(2))
+    assert rep.prefix == "model.diffusion_model." and len(rep.mapped) == len(sd)
+    assert torch.equal(state["video.blocks.1.cross_attn.o.bias"], sd["blocks.1.cross_attn.o.bias"])
+    mixed = dict(sd, **{"condition_embedder.time_proj.weight": torch.zeros(1)})
+    save_file(mixed, str(tmp_path / "mixed.safetensors"))
+    with pytest.raises(ValueError, match="cannot tell the checkpoint layout"):
+        import_wan_state(tmp_path / "mixed.safetensors", cfg_for(2))
