@@ -15,7 +15,8 @@ usage: bash $SCRIPT [--config FILE] [--set section.key=value ...] [--nproc N]
   --config FILE     YAML config (default: launch/configs/phase$PHASE.yaml with GPUs,
                     launch/configs/tiny_cpu.yaml without)
   --set K=V         override one config key (repeatable), e.g. --set train.steps=100
-  --nproc N         ranks on this node (default: all GPUs from nvidia-smi, or 2 CPU ranks)
+  --nproc N         ranks on this node (default: the GPUs in CUDA_VISIBLE_DEVICES, else all GPUs
+                    nvidia-smi lists, or 2 CPU ranks without GPUs)
   --hostfile FILE   multi-node run through the DeepSpeed launcher (see launch/hostfile.example)
   --master_addr A   rendezvous host for multi-node runs (default: MASTER_ADDR, else the first host)
   --master_port P   rendezvous port (default: MASTER_PORT, else 29500 multi-node / a free port locally)
@@ -69,13 +70,21 @@ if [[ -n "$HOSTFILE" ]]; then
     exec "$PYTHON" -m deepspeed.launcher.runner "${LAUNCH[@]}" "$SCRIPT" "${TRAIN_ARGS[@]}"
 fi
 
+RESOURCES=()
+if [[ -z "$NPROC" && "$GPUS" -gt 0 && -n "${CUDA_VISIBLE_DEVICES:-}" ]]; then
+    # respect a GPU selection: one rank per listed device
+    IFS=',' read -r -a VISIBLE <<< "$CUDA_VISIBLE_DEVICES"
+    NPROC="${#VISIBLE[@]}"
+    RESOURCES=(--include "localhost:$CUDA_VISIBLE_DEVICES")
+fi
 if [[ -z "$NPROC" ]]; then
     if [[ "$GPUS" -gt 0 ]]; then NPROC="$GPUS"; else NPROC=2; fi
 fi
 [[ "$NPROC" =~ ^[1-9][0-9]*$ ]] || { echo "error: --nproc '$NPROC' must be a positive integer" >&2; exit 2; }
+[[ ${#RESOURCES[@]} -gt 0 ]] || RESOURCES=(--num_gpus "$NPROC")
 if [[ -z "$PORT" ]]; then
     PORT="$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
 fi
 # every check that can fail does so here, before any rank starts
 "$PYTHON" -m dualforce_mega.training.preflight --world "$NPROC" "${TRAIN_ARGS[@]}"
-exec "$PYTHON" -m deepspeed.launcher.runner --num_gpus "$NPROC" --master_port "$PORT" "$SCRIPT" "${TRAIN_ARGS[@]}"
+exec "$PYTHON" -m deepspeed.launcher.runner "${RESOURCES[@]}" --master_port "$PORT" "$SCRIPT" "${TRAIN_ARGS[@]}"

@@ -3,6 +3,7 @@ world-size independent global batches, checkpoint atomicity, the launch scripts'
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 from pathlib import Path
 
@@ -250,6 +251,7 @@ def test_launch_script_is_valid_bash_and_python(script: str) -> None:
     (["--set", "parallel.sp=4", "--nproc", "2"], "parallel.sp"),
     (["--set", "data.shards=/nonexistent/shards"], "data.shards: /nonexistent/shards"),
     (["--set", "train.stepz=3"], "train.stepz: unknown key (did you mean train.steps?)"),
+    (["--set", "train.ema_decay=0.5"], "train.ema_decay: 0.5 asks for EMA weights"),
     (["--frobnicate"], "unknown argument '--frobnicate'"),
 ])
 def test_launch_fails_before_spawning(args: list[str], message: str) -> None:
@@ -284,3 +286,20 @@ def test_flops_and_tokens_follow_the_batch_shapes() -> None:
     patches = frames * (h // m.patch_size[1]) * (w // m.patch_size[2])
     assert tokens_in(video, m.patch_size) == 2 * patches
     assert tokens_in(full, m.patch_size) == 2 * (patches + n)
+
+
+@pytest.mark.parametrize("visible, world", [("", 3), ("0,2", 2)])
+def test_launch_counts_gpus(tmp_path: Path, visible: str, world: int) -> None:
+    """With GPUs, ranks = CUDA_VISIBLE_DEVICES entries, else every GPU nvidia-smi lists (a stub here);
+    shown through the preflight error, which names the data-parallel size, before anything starts."""
+    stub = tmp_path / "nvidia-smi"
+    stub.write_text("#!/bin/sh\nfor i in 0 1 2; do echo \"GPU $i: Stub (UUID: GPU-$i)\"; done\n")
+    stub.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    env["PATH"] = f"{tmp_path}:{env['PATH']}"
+    if visible:
+        env["CUDA_VISIBLE_DEVICES"] = visible
+    out = subprocess.run(["bash", str(REPO / "launch/train_dualforce.sh"), "--set", "train.global_batch=5"],
+                         capture_output=True, text=True, cwd=REPO, env=env)
+    assert out.returncode == 2
+    assert f"train.micro_batch x data-parallel size = 1 x {world} = {world}" in out.stderr

@@ -79,6 +79,9 @@ def hostfile_slots(path: str) -> int:
 
 def preflight(config: Optional[str], overrides: list[str], world_size: int) -> tuple[Config, int, int]:
     cfg = apply_phase(load_config(config, overrides))
+    if cfg.train.ema_decay > 0:
+        raise ConfigError(f"train.ema_decay: {cfg.train.ema_decay} asks for EMA weights, which the trainer does "
+                          "not keep yet; set it to 0")
     dp, accum = check_world(cfg, world_size)
     check_shards(cfg)
     return cfg, dp, accum
