@@ -75,31 +75,37 @@ def export_bundle(run_dir: Path, out_dir: Path, tag: Optional[str] = None, dtype
     tmp = out_dir.with_name(f".partial-{out_dir.name}.{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
-    res = convert(Path(run_dir), tmp, dtype, tag, max_shard_size, config, require_config=True)
-    cfg = res.config
-    stats, stats_src = read_shard_stats(cfg)
-    if stats is not None:
-        (tmp / STATS_NAME).write_text(json.dumps(stats, indent=1))
-    else:
-        log.warning("no normalisation statistics: no index.json with 'stats' for data.shards=%r", cfg.data.shards)
-    loc = locate(Path(run_dir), tag)
-    ema_src = loc.tag_dir / EMA_DIR
-    if has_ema(loc.tag_dir):
-        files = weight_files(ema_src)
-        write_state_dict(tmp / EMA_DIR, read_state_dict(ema_src), parse_size(max_shard_size), DTYPES[dtype],
-                         {"source": str(ema_src)})
-        ema_note = f"copied from {ema_src} ({len(files)} tensors)"
-    elif cfg.train.ema_decay > 0:
-        ema_note = (f"train.ema_decay={cfg.train.ema_decay} but {ema_src} holds no EMA weights "
-                    f"(the trainer does not keep an EMA)")
-        log.warning("%s", ema_note)
-    else:
-        ema_note = "none: the run kept no EMA (train.ema_decay=0)"
-    manifest = {"format": BUNDLE_FORMAT, "source": str(loc.tag_dir), "tag": res.tag, "step": res.step,
-                "zero_stage": res.stage, "world_size": res.world_size, "dtype": dtype,
-                "weights": [p.name for p in res.files], "tensors": res.num_tensors, "parameters": res.num_elements,
-                "stats": str(stats_src) if stats is not None else None, "ema": has_ema(tmp), "ema_note": ema_note}
-    (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
+    try:
+        res = convert(Path(run_dir), tmp, dtype, tag, max_shard_size, config, require_config=True)
+        cfg = res.config
+        stats, stats_src = read_shard_stats(cfg)
+        if stats is not None:
+            (tmp / STATS_NAME).write_text(json.dumps(stats, indent=1))
+        else:
+            log.warning("no normalisation statistics: no index.json with 'stats' for data.shards=%r",
+                        cfg.data.shards)
+        loc = locate(Path(run_dir), tag)
+        ema_src = loc.tag_dir / EMA_DIR
+        if has_ema(loc.tag_dir):
+            files = weight_files(ema_src)
+            write_state_dict(tmp / EMA_DIR, read_state_dict(ema_src), parse_size(max_shard_size), DTYPES[dtype],
+                             {"source": str(ema_src)})
+            ema_note = f"copied from {ema_src} ({len(files)} tensors)"
+        elif cfg.train.ema_decay > 0:
+            ema_note = (f"train.ema_decay={cfg.train.ema_decay} but {ema_src} holds no EMA weights "
+                        f"(the trainer does not keep an EMA)")
+            log.warning("%s", ema_note)
+        else:
+            ema_note = "none: the run kept no EMA (train.ema_decay=0)"
+        manifest = {"format": BUNDLE_FORMAT, "source": str(loc.tag_dir), "tag": res.tag, "step": res.step,
+                    "zero_stage": res.stage, "world_size": res.world_size, "dtype": dtype,
+                    "weights": [p.name for p in res.files], "tensors": res.num_tensors,
+                    "parameters": res.num_elements,
+                    "stats": str(stats_src) if stats is not None else None, "ema": has_ema(tmp), "ema_note": ema_note}
+        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)   # never leave a half-built bundle behind
+        raise
     if out_dir.exists():
         old = out_dir.with_name(f".old-{out_dir.name}.{os.getpid()}")
         os.rename(out_dir, old)

@@ -204,6 +204,12 @@ def main(argv: Optional[list[str]] = None) -> int:
                      {"source": str(args.src), "imported_from": f"wan2.1/{report.format}"})
     write_config_json(cfg, args.out)
     (args.out / REPORT_NAME).write_text(json.dumps(asdict(report), indent=1))
+    for key in report.unmapped:
+        log.warning("unmapped source tensor (not imported): %s", key)
+    for key, how in report.reshaped.items():
+        log.warning("reshaped %s: %s -> %s, %s", key, how["from"], how["to"], how["how"])
+    log.info("%d source tensors skipped, %d video-tower tensors left at initialisation; details in %s",
+             len(report.skipped), len(report.not_imported), args.out / REPORT_NAME)
     print(json.dumps(report.summary(), indent=1))
     return 0
 

@@ -236,6 +236,29 @@ def test_export_bundle(run_dir, tmp_path):
     assert all(p.dtype == torch.bfloat16 for p in bf16.parameters())
 
 
+def test_export_bundle_carries_ema_when_the_run_has_one(run_dir, tmp_path):
+    """The EMA contract (checkpoints/<tag>/ema/ safetensors) -> bundle ema/ -> load_bundle prefers it."""
+    import shutil
+
+    from checkpoints_conv.export_bundle import export_bundle
+    from checkpoints_conv.safetensors_io import write_state_dict
+    from dualforce_mega.bundle import load_bundle, read_state_dict
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir / "checkpoints", run / "checkpoints")
+    shutil.copy(run_dir / "config.yaml", run / "config.yaml")
+    tag = (run / "checkpoints" / "latest").read_text().strip()
+    raw = read_state_dict(export_bundle(run, tmp_path / "plain"))
+    ema = {k: v * 0.5 for k, v in raw.items()}
+    write_state_dict(run / "checkpoints" / tag / "ema", ema, max_bytes=10**9)
+    out = export_bundle(run, tmp_path / "with_ema", max_shard_size="300KB")
+    assert json.loads((out / "bundle.json").read_text())["ema"] is True
+    auto, _, _ = load_bundle(out)
+    model, _, _ = load_bundle(out, weights="model")
+    assert all(torch.equal(v, ema[k]) for k, v in auto.state_dict().items())
+    assert all(torch.equal(v, raw[k]) for k, v in model.state_dict().items())
+
+
 def test_incomplete_checkpoint_is_refused(run_dir, tmp_path):
     import shutil
 
