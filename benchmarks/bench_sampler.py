@@ -45,7 +45,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on cuda, fp32 on cpu")
     ap.add_argument("--lengths", type=int, nargs="+", default=[32, 128], help="latent frames")
-    ap.add_argument("--latent-hw", type=int, nargs=2, default=[4, 4])
+    ap.add_argument("--latent-hw", type=int, nargs=2, default=[8, 8])
     ap.add_argument("--steps", type=int, default=2, help="Euler steps per chunk (the default config uses 8)")
     ap.add_argument("--chunk-blocks", type=int, default=1)
     ap.add_argument("--window-blocks", type=int, default=0, help="0 = unbounded history")

@@ -1,6 +1,9 @@
 """Autoregressive sampler: KV-cache == full recomputation, schedule properties, memory bound, CFG."""
 from __future__ import annotations
 
+import gc
+import warnings
+
 import pytest
 import torch
 
@@ -140,6 +143,51 @@ def test_cfg(model):
     assert (vz - v0).abs().max() > 1e-4
 
 
+def live_tensor_bytes(exclude: set) -> int:
+    """Bytes of all live tensor storages not in ``exclude`` (storage pointers)."""
+    seen, total = set(exclude), 0
+    for obj in live_tensors():
+        st = obj.untyped_storage()
+        if st.data_ptr() not in seen:
+            seen.add(st.data_ptr())
+            total += st.nbytes()
+    return total
+
+
+def live_tensors() -> list[torch.Tensor]:
+    with warnings.catch_warnings():  # isinstance() touches deprecated lazy module attributes
+        warnings.simplefilter("ignore", FutureWarning)
+        return [o for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.device.type == "cpu"]
+
+
+def retained_bytes_per_chunk(model, cfg: DiffusionConfig, inp: SampleInputs) -> list[int]:
+    """What the sampler keeps alive between chunks (history, caches, state), chunk by chunk,
+    with the caller dropping every yielded chunk (streaming)."""
+    gc.collect()
+    before = {o.untyped_storage().data_ptr() for o in live_tensors()}
+    sizes = []
+    for chunk in ARSampler(model, cfg, use_cache=True).generate(inp):
+        del chunk
+        sizes.append(live_tensor_bytes(before))
+    return sizes
+
+
+def test_retained_memory_plateaus(model):
+    """Live tensor bytes held by a streaming generation stop growing once the window is full,
+    and are the same for 65 and 129 video frames; without a window they keep growing."""
+    cfg = DiffusionConfig(sample_steps=1, chunk_blocks=1, window_blocks=3)
+    ref_motion = torch.zeros(1, 70)
+    retained_bytes_per_chunk(model, cfg, inputs(3, ref_motion=ref_motion))  # lazily built module caches
+    short = retained_bytes_per_chunk(model, cfg, inputs(num_latent_frames(65, 4), ref_motion=ref_motion))
+    long = retained_bytes_per_chunk(model, cfg, inputs(num_latent_frames(129, 4), ref_motion=ref_motion))
+    full = cfg.window_blocks + 1
+    assert max(long[full:]) == min(long[full:]) == max(short[full:])
+    assert max(long) == max(short)
+    grow = retained_bytes_per_chunk(model, DiffusionConfig(sample_steps=1, chunk_blocks=1),
+                                    inputs(num_latent_frames(65, 4), ref_motion=ref_motion))
+    assert grow[-1] > 2 * max(long)
+
+
 def test_memory_bounded_by_window(model):
     """65 vs 129 video frames (17 vs 33 latent frames) with a window: the KV cache plateaus."""
     cfg = DiffusionConfig(sample_steps=1, chunk_blocks=1, window_blocks=3)
@@ -153,7 +201,8 @@ def test_memory_bounded_by_window(model):
     assert max(sizes[65].history_bytes) == max(sizes[129].history_bytes)
     assert max(sizes[65].history_tokens) == max(sizes[129].history_tokens)
     # without a window the cache grows with the length
-    grow = run(model, DiffusionConfig(sample_steps=1), inputs(num_latent_frames(65, 4)), cache=True)[2]
+    grow = run(model, DiffusionConfig(sample_steps=1), inputs(num_latent_frames(65, 4), ref_motion=torch.zeros(1, 70)),
+               cache=True)[2]
     assert grow.history_bytes[-1] > 2 * max(sizes[129].history_bytes)
 
 
