@@ -9,14 +9,19 @@ DeepSpeed's world average equals plain data parallelism. Both are checked at max
 from __future__ import annotations
 
 import copy
+import json
 import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from dualforce_mega.config import ConfigError, build_config
 from dualforce_mega.models.layers import TokenGroups
 from dualforce_mega.models.layout import VideoShard
 from dualforce_mega.parallel.sequence_parallel import apply_sequence_parallel, check_heads
@@ -116,25 +121,22 @@ def _equivalence_worker(rank: int, port: int) -> None:
             print(f"{name}: max |grad diff| {worst[0]:.2e} ({worst[1]})")
         # the test has teeth only if the SP run produced real, non-zero gradients everywhere
         assert sum(int(g.abs().sum() > 0) for g in g_ref.values()) == len(g_ref), f"{name}: dead parameters"
+    # 3 heads cannot be split over 2 ranks
+    with pytest.raises(ValueError, match=r"parallel\.sp=2 must divide model\.heads=3"):
+        apply_sequence_parallel(tiny_model(dim=48, heads=3), dist.group.WORLD)
     dist.destroy_process_group()
 
 
+@pytest.mark.distributed
 def test_sp2_equals_sp1_outputs_and_gradients() -> None:
     _spawn(_equivalence_worker)
-
-
-def _heads_worker(rank: int, port: int) -> None:
-    _init(rank, port)
-    model = tiny_model(dim=48, heads=3)
-    with pytest.raises(ValueError, match=r"parallel\.sp=2 must divide model\.heads=3"):
-        apply_sequence_parallel(model, dist.group.WORLD)
-    dist.destroy_process_group()
 
 
 def test_heads_not_divisible_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match=r"parallel\.sp=8 must divide model\.heads=12"):
         check_heads(8, 12)
-    _spawn(_heads_worker)
+    with pytest.raises(ConfigError, match=r"parallel\.sp: sp=8 must divide model\.heads=12"):
+        build_config({"model": {"preset": "lite"}, "parallel": {"sp": 8}})
 
 
 def test_video_shard_covers_every_token_once() -> None:
@@ -179,5 +181,38 @@ def _groups_worker(rank: int, port: int) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.distributed
 def test_groups_megatron_and_torch_build_the_same_layout() -> None:
     _spawn(_groups_worker)
+
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN_STEPS = 5
+
+
+def _train(run_dir: Path, sp: int, ranks: int, shards: str = "") -> list[dict]:
+    args = ["-m", "dualforce_mega.training.train", "--config", "launch/configs/tiny_cpu.yaml",
+            "--set", f"parallel.sp={sp}", "--set", f"train.steps={TRAIN_STEPS}", "--set", f"run.dir={run_dir}",
+            "--set", "run.tensorboard=false"] + (["--set", f"data.shards={shards}"] if shards else [])
+    launcher = [sys.executable] if ranks == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
+         "--master_port", str(_free_port())]
+    env = dict(os.environ, DS_ACCELERATOR="cpu")
+    out = subprocess.run(launcher + args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-5000:]
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_trainer_sp2_on_two_ranks_equals_single_process(tmp_path: Path) -> None:
+    """The real trainer (DeepSpeed ZeRO-3, gloo): parallel.sp=2 on 2 ranks (dp 1, both ranks fed the
+    same batches and noise) trains exactly like one process, step by step -- the loss and the
+    pre-clipping gradient norm (a gradient off by the SP size would double it) agree."""
+    single = _train(tmp_path / "single", sp=1, ranks=1)
+    sp2 = _train(tmp_path / "sp2", sp=2, ranks=2, shards=str(tmp_path / "single" / "synthetic_shards"))
+    assert [r["step"] for r in sp2] == [r["step"] for r in single] == list(range(1, TRAIN_STEPS + 1))
+    for a, b in zip(single, sp2):
+        assert abs(a["loss"] - b["loss"]) < TOL, (a["step"], a["loss"], b["loss"])
+        assert abs(a["grad_norm"] - b["grad_norm"]) < TOL * max(1.0, a["grad_norm"]), (a["step"], a, b)
+    assert single[-1]["loss"] != single[0]["loss"]   # it trained

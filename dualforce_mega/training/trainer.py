@@ -35,6 +35,7 @@ from .schedule import build_lr_scheduler
 log = logging.getLogger(__name__)
 
 _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+_TERA = 1e12
 
 
 def build_model(cfg: Config) -> DualForceModel:
@@ -93,7 +94,7 @@ class Trainer:
         self.flops_per_sample: Optional[float] = None
         if device.type == "cuda":
             self.peak_flops = measure_peak_flops(device, self.dtype)
-            log.info("measured matmul peak %.1f TFLOP/s (%s)", self.peak_flops / 1e12, self.precision)
+            log.info("measured matmul peak %.1f TFLOP/s (%s)", self.peak_flops / _TERA, self.precision)
         n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
         log.info("model %s: %.2fM parameters, phase %d, precision %s, ZeRO-%d, dp=%d sp=%d, micro_batch=%d, "
                  "grad_accum=%d, global_batch=%d", cfg.model.preset, n_params / 1e6, cfg.train.phase,
@@ -187,7 +188,7 @@ class Trainer:
             "sample_ids": reduced["sample_ids"],
         })
         if self.flops_per_sample:
-            record["model_tflops_per_s"] = self.flops_per_sample * reduced["samples"] / step_time / 1e12
+            record["model_tflops_per_s"] = self.flops_per_sample * reduced["samples"] / step_time / _TERA
         value = mfu(self.flops_per_sample, reduced["samples"], step_time, self.world_size, self.peak_flops)
         if value is not None:
             record["mfu"] = value
