@@ -1,1 +1,1 @@
-"""Checkpoint conversion: ZeRO-3 -> safetensors, pretrained-weight import (Wan2.1), export, diff."""
+"""Checkpoint tools: ZeRO -> safetensors, inference bundles, Wan2.1 import/export, diff (docs/CHECKPOINTS.md)."""

@@ -171,8 +171,9 @@ def build_import_config(config: Optional[Path], preset: Optional[str], overrides
         sets.insert(0, "model.preset=lite")
     cfg = load_config(str(config) if config else None, sets)
     if layers is not None:
-        keys = [k[len(wk.strip_known_prefix(_source_keys(src))):] for k in _source_keys(src)]
-        n = len(wk.parse_layers(layers, wk.num_blocks(keys), cfg.model.layers))
+        keys = _source_keys(src)
+        prefix = wk.strip_known_prefix(keys)
+        n = len(wk.parse_layers(layers, wk.num_blocks([k[len(prefix):] for k in keys]), cfg.model.layers))
         if n != cfg.model.layers:
             log.info("--layers selects %d layers: setting model.layers=%d (preset had %d)", n, n, cfg.model.layers)
             cfg = load_config(str(config) if config else None, sets + [f"model.layers={n}"])
