@@ -71,8 +71,6 @@ def build_pipeline(args: argparse.Namespace) -> Pipeline:
         audio_path = args.audio_encoder or _bundle_part(args.bundle, BUNDLE_AUDIO_DIR, "--audio-encoder")
         vae = WanVAE.from_pretrained(vae_path, device, dtype)
         speech = SpeechEncoder.from_pretrained(audio_path, device, dtype, layer=args.audio_layer)
-    if args.vae and args.random_preset or args.audio_encoder and args.random_preset:
-        raise SystemExit("--vae / --audio-encoder go with --bundle; --random-preset builds random ones")
     if speech.dim != cfg.model.audio_dim:
         raise SystemExit(f"audio encoder hidden size {speech.dim} != model.audio_dim={cfg.model.audio_dim}")
     if vae.z_dim != cfg.model.in_channels:
@@ -207,6 +205,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         ap.error("give --ref, --audio and --out (or --batch and --out-dir)")
     if args.frames is not None and args.frames < 1:
         ap.error("--frames must be >= 1")
+    if args.random_preset and (args.vae or args.audio_encoder):
+        ap.error("--vae / --audio-encoder go with --bundle; --random-preset builds random ones")
     return args
 
 
@@ -222,11 +222,21 @@ def main(argv: Optional[list[str]] = None) -> int:
     else:
         job = Job(Path(args.ref), Path(args.audio), Path(args.out).stem)
         targets = [(job, Path(args.out), Path(args.save_latents) if args.save_latents else None)]
+    failed = []
     for job, out, lat in targets:
-        info = generate_one(pipe, job, out, args, lat)
+        try:
+            info = generate_one(pipe, job, out, args, lat)
+        except (ValueError, OSError) as e:
+            if not args.batch:
+                raise
+            log.error("%s (%s, %s): %s", job.name, job.image, job.audio, e)  # keep going with the others
+            failed.append(job.name)
+            continue
         print(f"{info['out']}: {info['frames']} frames ({info['seconds']:.2f} s), "
               f"{info['latent_frames']} latent frames, {info['model_calls']} model calls")
-    return 0
+    if failed:
+        print(f"{len(failed)} of {len(targets)} failed: {', '.join(failed)}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -94,6 +94,13 @@ def test_batch_folder_and_list(tmp_path):
     main(["--batch", str(src), "--out-dir", str(out_dir), "--random-preset", "tiny", "--steps", "1", "--quiet",
           *SIZE])
     assert probe(out_dir / "p1.mp4")[0] == 7 and probe(out_dir / "p2.mp4")[0] == 5
+    # a broken pair fails alone: the others are written, the exit code says so
+    (src / "p3.png").write_bytes(b"not an image")
+    (src / "p3.wav").write_bytes((src / "p2.wav").read_bytes())
+    (out_dir / "p1.mp4").unlink()
+    assert main(["--batch", str(src), "--out-dir", str(out_dir), "--random-preset", "tiny", "--steps", "1",
+                 "--quiet", *SIZE]) == 1
+    assert (out_dir / "p1.mp4").is_file() and not (out_dir / "p3.mp4").exists()
     listing = tmp_path / "pairs.txt"
     listing.write_text("# image audio name\nin/p1.png in/p2.wav\nin/p2.png, in/p2.wav, second\n")
     jobs = parse_batch(str(listing))
