@@ -111,3 +111,22 @@ def test_bad_input_names_the_flag(capsys) -> None:
     assert "parallel.sp" in capsys.readouterr().err
     assert main(["--preset", "nope", "--frames", "32"]) == 2
     assert "--preset" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("frames", [32, 128, 256, 512])
+def test_long_sequence_configs_follow_the_planner(frames: int) -> None:
+    """launch/configs/long_<frames>.yaml: the VAE's latent window, checkpointing on, micro batch 1, and
+    the smallest SP size on an 8-GPU node whose plan fits 40 GiB (the rule their comments state)."""
+    from pathlib import Path
+
+    from dualforce_mega.config import load_config
+
+    cfg = load_config(str(Path(__file__).resolve().parents[1] / "launch" / "configs" / f"long_{frames}.yaml"))
+    assert cfg.model.preset == "lite"
+    assert cfg.data.window == latent_frames(frames, cfg.model.vae_temporal_stride)
+    assert cfg.train.activation_checkpointing and cfg.train.micro_batch == 1
+    fitting = [sp for sp in (1, 2, 4)
+               if plan(PlanInput(preset="lite", frames=frames, resolution=512, gpus=8, sp=sp, gpu_mem_gib=40),
+                       propose=False)["fits"]]
+    assert cfg.parallel.sp == min(fitting)
+    assert cfg.train.global_batch % (cfg.train.micro_batch * 8 // cfg.parallel.sp) == 0
