@@ -10,150 +10,34 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
-import torch
-from safetensors.torch import save_file
-from tqdm import tqdm
-
-from dualforce_mega.config import Config, build_config
-from dualforce_mega.diffusion.ar_schedule import plan_chunks
-from dualforce_mega.diffusion.sampler import ARSampler, SampleInputs, num_latent_frames
-from dualforce_mega.models.dualforce import DualForceModel
-from dualforce_mega.models.layout import num_video_frames
-
 from .batch import Job, parse_batch
-from .encoders import AUDIO_SAMPLE_RATE, SpeechEncoder, WanVAE, tiny_audio_encoder, tiny_vae
-from .media import Mp4Writer, fit_length, load_audio, load_image, to_uint8_frames
+from .pipeline import (RANDOM_PRESETS, GenerateOptions, Pipeline, PipelineSpec, build_pipeline, generate_one,
+                       load_array)
 
 log = logging.getLogger("eval.generate")
 
-RANDOM_PRESETS = ("tiny",)
-BUNDLE_VAE_DIR = "vae"                 # optional sub-folders of a bundle
-BUNDLE_AUDIO_DIR = "audio_encoder"
+
+def pipeline_spec(args: argparse.Namespace) -> PipelineSpec:
+    flags = dict(sample_steps=args.steps, sample_shift=args.shift, chunk_blocks=args.chunk_blocks,
+                 window_blocks=args.window_blocks, ar_step=args.ar_step, cfg_audio=args.cfg_audio)
+    return PipelineSpec(bundle=args.bundle, random_preset=args.random_preset, vae=args.vae,
+                        audio_encoder=args.audio_encoder, audio_layer=args.audio_layer, device=args.device,
+                        dtype=args.dtype, height=args.height, width=args.width,
+                        diffusion={k: v for k, v in flags.items() if v is not None})
 
 
-@dataclass
-class Pipeline:
-    model: DualForceModel
-    cfg: Config
-    vae: WanVAE
-    speech: SpeechEncoder
-    height: int
-    width: int
-
-
-def _dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
-
-
-def build_pipeline(args: argparse.Namespace) -> Pipeline:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = _dtype(args.dtype, device)
-    if args.random_preset:
-        torch.manual_seed(0)  # fixed random weights: outputs then depend on --seed only
-        cfg = build_config({"model": {"preset": args.random_preset}})
-        model = DualForceModel(cfg.model).to(device, dtype).eval()
-        vae = WanVAE(tiny_vae(z_dim=cfg.model.in_channels).to(device, dtype))
-        speech = SpeechEncoder(tiny_audio_encoder(cfg.model.audio_dim).to(device, dtype))
-    else:
-        from dualforce_mega.bundle import load_bundle
-
-        model, cfg, _ = load_bundle(args.bundle, device, dtype)
-        vae_path = args.vae or _bundle_part(args.bundle, BUNDLE_VAE_DIR, "--vae")
-        audio_path = args.audio_encoder or _bundle_part(args.bundle, BUNDLE_AUDIO_DIR, "--audio-encoder")
-        vae = WanVAE.from_pretrained(vae_path, device, dtype)
-        speech = SpeechEncoder.from_pretrained(audio_path, device, dtype, layer=args.audio_layer)
-    if speech.dim != cfg.model.audio_dim:
-        raise SystemExit(f"audio encoder hidden size {speech.dim} != model.audio_dim={cfg.model.audio_dim}")
-    if vae.z_dim != cfg.model.in_channels:
-        raise SystemExit(f"VAE z_dim={vae.z_dim} != model.in_channels={cfg.model.in_channels}")
-    d = cfg.diffusion
-    overrides = {k: v for k, v in dict(sample_steps=args.steps, chunk_blocks=args.chunk_blocks,
-                                       window_blocks=args.window_blocks, ar_step=args.ar_step,
-                                       cfg_audio=args.cfg_audio, sample_shift=args.shift).items() if v is not None}
-    cfg.diffusion = replace(d, **overrides)
-    s = cfg.model.vae_spatial_stride
-    height = args.height or cfg.data.latent_height * s
-    width = args.width or cfg.data.latent_width * s
-    patch = cfg.model.patch_size
-    if height % (s * patch[1]) or width % (s * patch[2]):
-        raise SystemExit(f"--height/--width {height}x{width} must be multiples of {s * patch[1]}x{s * patch[2]}")
-    return Pipeline(model, cfg, vae, speech, height, width)
-
-
-def _bundle_part(bundle: str, sub: str, flag: str) -> str:
-    p = Path(bundle) / sub
-    if not p.is_dir():
-        raise SystemExit(f"{bundle}: no {sub}/ folder in the bundle; pass {flag} PATH")
-    return str(p)
-
-
-def load_vector(path: Optional[str], dim: int, what: str) -> Optional[torch.Tensor]:
-    """A ``.npy`` array or a text file of ``dim`` numbers -> [1, dim]."""
-    if not path:
-        return None
-    arr = np.load(path, allow_pickle=False) if path.endswith(".npy") else np.loadtxt(path, ndmin=1)
-    arr = np.asarray(arr, dtype=np.float32).reshape(-1)
-    if arr.size != dim:
-        raise SystemExit(f"{path}: {what} needs {dim} numbers, found {arr.size}")
-    return torch.from_numpy(arr)[None]
-
-
-def generate_one(pipe: Pipeline, job: Job, out: Path, args: argparse.Namespace,
-                 save_latents: Optional[Path] = None) -> dict:
-    """Generates one video; the mp4 is written to a temporary name and renamed when complete."""
-    mcfg = pipe.cfg.model
-    wave = load_audio(job.audio, AUDIO_SAMPLE_RATE)
-    frames = args.frames or max(1, int(wave.numel() * mcfg.fps // AUDIO_SAMPLE_RATE))
-    n_latent = num_latent_frames(frames, mcfg.vae_temporal_stride)
-    n_covered = num_video_frames(n_latent, mcfg.vae_temporal_stride)  # >= frames
-    covered = fit_length(wave, n_covered * AUDIO_SAMPLE_RATE // mcfg.fps)
-    feats = pipe.speech.encode(covered, n_covered, mcfg.fps, mcfg.audio_rate // mcfg.fps)
-    image = load_image(job.image, pipe.height, pipe.width)
-    reference = pipe.vae.encode_image(image[None])
-    inputs = SampleInputs(reference=reference, num_latent=n_latent, seeds=[args.seed], audio=feats[None],
-                          kp_canonical=load_vector(args.kp_canonical, mcfg.kp_dim, "--kp-canonical"),
-                          ref_motion=load_vector(args.ref_motion, mcfg.motion_dim, "--ref-motion"))
-    sampler = ARSampler(pipe.model, pipe.cfg.diffusion, use_cache=not args.no_kv_cache)
-    decoder = pipe.vae.decoder()
-    track = fit_length(wave, frames * AUDIO_SAMPLE_RATE // mcfg.fps)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(out.stem + ".partial" + out.suffix)
-    latents, motion = [], []
-    written = 0
-    n_chunks = len(plan_chunks(n_latent, mcfg.causal_block_size, pipe.cfg.diffusion.chunk_blocks))
-    try:
-        with Mp4Writer(partial, mcfg.fps, pipe.height, pipe.width, audio=track,
-                       sample_rate=AUDIO_SAMPLE_RATE) as writer:
-            for chunk in tqdm(sampler.generate(inputs), total=n_chunks, desc=job.name, unit="chunk",
-                              disable=args.quiet):
-                rgb = to_uint8_frames(decoder.decode(chunk.video)[0])[:frames - written]
-                writer.write(rgb)
-                written += len(rgb)
-                if save_latents is not None:
-                    latents.append(chunk.video[0].float().cpu())
-                    if chunk.struct is not None:
-                        motion.append(chunk.struct[0].float().cpu())
-        os.replace(partial, out)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-    if save_latents is not None:
-        tensors = {"video_latent": torch.cat(latents, dim=1).contiguous()}
-        if motion:
-            tensors["struct"] = torch.cat(motion)[:frames].contiguous()
-        save_latents.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(save_latents))
-    return {"out": str(out), "frames": written, "latent_frames": n_latent,
-            "seconds": written / mcfg.fps, "model_calls": sampler.stats.model_calls}
+def generate_options(args: argparse.Namespace, pipe: Pipeline, save_latents: Optional[Path]) -> GenerateOptions:
+    m = pipe.cfg.model
+    return GenerateOptions(
+        frames=args.frames, seed=args.seed, use_cache=not args.no_kv_cache,
+        kp_canonical=load_array(args.kp_canonical, (m.kp_dim,), "--kp-canonical") if args.kp_canonical else None,
+        ref_motion=load_array(args.ref_motion, (m.motion_dim,), "--ref-motion") if args.ref_motion else None,
+        text_emb=load_array(args.text_emb, (-1, m.text_dim), "--text-emb") if args.text_emb else None,
+        save_latents=save_latents, progress=not args.quiet)
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -172,6 +56,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                                            "zeros when not given")
     io.add_argument("--ref-motion", help="motion of the reference frame (70 numbers); when not given the "
                                          "struct token of frame 0 is generated")
+    io.add_argument("--text-emb", help="precomputed text embeddings [L, text_dim] (.npy) for models with text "
+                                       "cross-attention; none by default")
     model = ap.add_argument_group("model")
     src = model.add_mutually_exclusive_group(required=True)
     src.add_argument("--bundle", help="inference bundle directory (checkpoints_conv.export_bundle)")
@@ -213,7 +99,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[list[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    pipe = build_pipeline(args)
+    pipe = build_pipeline(pipeline_spec(args))
     if args.batch:
         jobs = parse_batch(args.batch)
         out_dir = Path(args.out_dir)
@@ -225,7 +111,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     failed = []
     for job, out, lat in targets:
         try:
-            info = generate_one(pipe, job, out, args, lat)
+            info = generate_one(pipe, job, out, generate_options(args, pipe, lat))
         except (ValueError, OSError) as e:
             if not args.batch:
                 raise

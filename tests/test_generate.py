@@ -59,9 +59,13 @@ def probe(path: Path) -> tuple[int, float, int]:
 def test_mp4_frames_audio_and_latents(tmp_path):
     image, audio = write_inputs(tmp_path, "a", seconds=1.0)
     out, lat = tmp_path / "out.mp4", tmp_path / "lat.safetensors"
+    motion = np.linspace(-1, 1, 70, dtype=np.float32)
+    np.save(tmp_path / "motion.npy", motion)
+    np.savetxt(tmp_path / "kp.txt", np.zeros(63))
     frames = 10  # -> 1 + ceil(9/4) = 4 latent frames covering 13 video frames; 10 written
     assert main(["--ref", str(image), "--audio", str(audio), "--out", str(out), "--random-preset", "tiny",
-                 "--frames", str(frames), "--steps", "1", "--save-latents", str(lat), "--quiet", *SIZE]) == 0
+                 "--frames", str(frames), "--steps", "1", "--save-latents", str(lat), "--quiet", *SIZE,
+                 "--ref-motion", str(tmp_path / "motion.npy"), "--kp-canonical", str(tmp_path / "kp.txt")]) == 0
     n, duration, rate = probe(out)
     assert n == frames
     assert abs(duration - frames / FPS) <= AAC_FRAME / rate
@@ -69,6 +73,7 @@ def test_mp4_frames_audio_and_latents(tmp_path):
     assert set(tensors) == {"video_latent", "struct"}
     assert tensors["video_latent"].shape == (16, 4, 4, 4)
     assert tensors["struct"].shape == (frames, 70)
+    assert torch.equal(tensors["struct"][0], torch.from_numpy(motion))  # the given reference motion, pinned
     assert not (tmp_path / "out.partial.mp4").exists()
 
 
@@ -140,6 +145,10 @@ def test_bad_inputs_name_the_file(tmp_path):
     bad.write_bytes(b"not audio")
     with pytest.raises(ValueError, match="broken.wav"):
         load_audio(bad, 16000)
+    np.savetxt(tmp_path / "kp.txt", np.zeros(62))
+    with pytest.raises(ValueError, match=r"kp.txt: --kp-canonical needs shape \(63,\)"):
+        main(["--ref", str(image), "--audio", str(audio), "--out", str(tmp_path / "x.mp4"), "--random-preset",
+              "tiny", "--quiet", "--kp-canonical", str(tmp_path / "kp.txt"), *SIZE])
     with pytest.raises(ValueError, match="broken.wav"):
         main(["--ref", str(bad), "--audio", str(audio), "--out", str(tmp_path / "x.mp4"),
               "--random-preset", "tiny", "--quiet", *SIZE])

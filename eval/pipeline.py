@@ -1,0 +1,183 @@
+"""Image + speech -> mp4 generation as a library: ``build_pipeline`` once, ``generate_one`` per pair.
+
+``eval.generate`` is the command line around it; ``eval/run_eval`` can call it directly.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from dualforce_mega.config import Config, build_config
+from dualforce_mega.diffusion.ar_schedule import plan_chunks
+from dualforce_mega.diffusion.sampler import ARSampler, SampleInputs, num_latent_frames
+from dualforce_mega.models.dualforce import DualForceModel
+from dualforce_mega.models.layout import num_video_frames
+
+from .batch import Job
+from .encoders import AUDIO_SAMPLE_RATE, SpeechEncoder, WanVAE, tiny_audio_encoder, tiny_vae
+from .media import Mp4Writer, fit_length, load_audio, load_image, to_uint8_frames
+
+log = logging.getLogger(__name__)
+
+RANDOM_PRESETS = ("tiny",)
+BUNDLE_VAE_DIR = "vae"                 # optional sub-folders of a bundle
+BUNDLE_AUDIO_DIR = "audio_encoder"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class PipelineSpec:
+    bundle: Optional[str] = None           # inference bundle directory, or
+    random_preset: Optional[str] = None    # random weights + tiny VAE / audio encoder (smoke tests)
+    vae: Optional[str] = None              # AutoencoderKLWan folder (default: BUNDLE/vae)
+    audio_encoder: Optional[str] = None    # HuBERT / wav2vec2 folder (default: BUNDLE/audio_encoder)
+    audio_layer: int = -1                  # hidden-state index of the audio encoder
+    device: Optional[str] = None           # default: cuda when available
+    dtype: str = "auto"                    # auto (bf16 on cuda, fp32 on cpu) | fp32 | bf16 | fp16
+    height: Optional[int] = None           # pixels; default data.latent_height * vae stride
+    width: Optional[int] = None
+    diffusion: dict[str, Any] = field(default_factory=dict)  # DiffusionConfig field overrides
+
+
+@dataclass
+class Pipeline:
+    model: DualForceModel
+    cfg: Config
+    vae: WanVAE
+    speech: SpeechEncoder
+    height: int
+    width: int
+
+
+@dataclass
+class GenerateOptions:
+    frames: Optional[int] = None                  # video frames; default: the audio's length
+    seed: int = 0
+    use_cache: bool = True                        # False: recompute reference path
+    kp_canonical: Optional[torch.Tensor] = None   # [kp_dim]; zeros when unknown
+    ref_motion: Optional[torch.Tensor] = None     # [motion_dim]; generated when unknown
+    text_emb: Optional[torch.Tensor] = None       # [L, text_dim]
+    save_latents: Optional[Path] = None           # safetensors: video_latent [C, F, h, w], struct [N, 70]
+    progress: bool = True
+
+
+def build_pipeline(spec: PipelineSpec) -> Pipeline:
+    device = torch.device(spec.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if spec.dtype != "auto" and spec.dtype not in DTYPES:
+        raise ValueError(f"dtype={spec.dtype!r} is not one of auto, {', '.join(DTYPES)}")
+    dtype = DTYPES[spec.dtype] if spec.dtype != "auto" else (
+        torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if (spec.bundle is None) == (spec.random_preset is None):
+        raise ValueError("give exactly one of bundle, random_preset")
+    if spec.random_preset:
+        if spec.random_preset not in RANDOM_PRESETS:
+            raise ValueError(f"random_preset={spec.random_preset!r} is not one of {RANDOM_PRESETS}")
+        if spec.vae or spec.audio_encoder:
+            raise ValueError("vae / audio_encoder paths go with a bundle; a random preset builds random ones")
+        torch.manual_seed(0)  # fixed random weights: outputs then depend on the sampling seed only
+        cfg = build_config({"model": {"preset": spec.random_preset}})
+        model = DualForceModel(cfg.model).to(device, dtype).eval()
+        vae = WanVAE(tiny_vae(z_dim=cfg.model.in_channels).to(device, dtype))
+        speech = SpeechEncoder(tiny_audio_encoder(cfg.model.audio_dim).to(device, dtype))
+    else:
+        from dualforce_mega.bundle import load_bundle
+
+        model, cfg, _ = load_bundle(spec.bundle, device, dtype)
+        vae = WanVAE.from_pretrained(spec.vae or _bundle_part(spec.bundle, BUNDLE_VAE_DIR, "vae"), device, dtype)
+        speech = SpeechEncoder.from_pretrained(
+            spec.audio_encoder or _bundle_part(spec.bundle, BUNDLE_AUDIO_DIR, "audio_encoder"), device, dtype,
+            layer=spec.audio_layer)
+    if speech.dim != cfg.model.audio_dim:
+        raise ValueError(f"audio encoder hidden size {speech.dim} != model.audio_dim={cfg.model.audio_dim}")
+    if vae.z_dim != cfg.model.in_channels:
+        raise ValueError(f"VAE z_dim={vae.z_dim} != model.in_channels={cfg.model.in_channels}")
+    unknown = sorted(set(spec.diffusion) - set(cfg.diffusion.__dataclass_fields__))
+    if unknown:
+        raise ValueError(f"diffusion overrides: unknown keys {unknown}")
+    cfg.diffusion = replace(cfg.diffusion, **spec.diffusion)
+    s = cfg.model.vae_spatial_stride
+    height = spec.height or cfg.data.latent_height * s
+    width = spec.width or cfg.data.latent_width * s
+    _, ph, pw = cfg.model.patch_size
+    if height % (s * ph) or width % (s * pw):
+        raise ValueError(f"height x width {height}x{width} must be multiples of {s * ph}x{s * pw} "
+                         f"(VAE stride x patch size)")
+    return Pipeline(model, cfg, vae, speech, height, width)
+
+
+def _bundle_part(bundle: str, sub: str, what: str) -> str:
+    p = Path(bundle) / sub
+    if not p.is_dir():
+        raise FileNotFoundError(f"{bundle}: no {sub}/ folder in the bundle; give the {what} path explicitly")
+    return str(p)
+
+
+def load_array(path: str, shape: tuple[int, ...], what: str) -> torch.Tensor:
+    """A ``.npy`` array or a whitespace-separated text file with exactly ``prod(shape)`` numbers;
+    a -1 in ``shape`` takes whatever is left."""
+    arr = np.load(path, allow_pickle=False) if path.endswith(".npy") else np.loadtxt(path, ndmin=1)
+    arr = np.asarray(arr, dtype=np.float32)
+    try:
+        return torch.from_numpy(arr.reshape(shape).copy())
+    except ValueError:
+        raise ValueError(f"{path}: {what} needs shape {shape}, found {arr.shape}") from None
+
+
+def _batched(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if t is None else t[None]
+
+
+def generate_one(pipe: Pipeline, job: Job, out: Path, opts: GenerateOptions) -> dict:
+    """Generates one video, streaming chunk by chunk. The mp4 is written under a temporary name
+    and renamed when complete, so a failure never leaves (or overwrites with) a broken file."""
+    mcfg = pipe.cfg.model
+    wave = load_audio(job.audio, AUDIO_SAMPLE_RATE)
+    frames = opts.frames or max(1, int(wave.numel() * mcfg.fps // AUDIO_SAMPLE_RATE))
+    n_latent = num_latent_frames(frames, mcfg.vae_temporal_stride)
+    n_covered = num_video_frames(n_latent, mcfg.vae_temporal_stride)  # >= frames
+    covered = fit_length(wave, n_covered * AUDIO_SAMPLE_RATE // mcfg.fps)
+    feats = pipe.speech.encode(covered, n_covered, mcfg.fps, mcfg.audio_rate // mcfg.fps)
+    reference = pipe.vae.encode_image(load_image(job.image, pipe.height, pipe.width)[None])
+    inputs = SampleInputs(reference=reference, num_latent=n_latent, seeds=[opts.seed], audio=feats[None],
+                          kp_canonical=_batched(opts.kp_canonical), ref_motion=_batched(opts.ref_motion),
+                          text_emb=_batched(opts.text_emb))
+    sampler = ARSampler(pipe.model, pipe.cfg.diffusion, use_cache=opts.use_cache)
+    decoder = pipe.vae.decoder()
+    track = fit_length(wave, frames * AUDIO_SAMPLE_RATE // mcfg.fps)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.stem + ".partial" + out.suffix)
+    latents, motion = [], []
+    written = 0
+    n_chunks = len(plan_chunks(n_latent, mcfg.causal_block_size, pipe.cfg.diffusion.chunk_blocks))
+    try:
+        with Mp4Writer(partial, mcfg.fps, pipe.height, pipe.width, audio=track,
+                       sample_rate=AUDIO_SAMPLE_RATE) as writer:
+            for chunk in tqdm(sampler.generate(inputs), total=n_chunks, desc=job.name, unit="chunk",
+                              disable=not opts.progress):
+                rgb = to_uint8_frames(decoder.decode(chunk.video)[0])[:frames - written]
+                writer.write(rgb)
+                written += len(rgb)
+                if opts.save_latents is not None:
+                    latents.append(chunk.video[0].float().cpu())
+                    if chunk.struct is not None:
+                        motion.append(chunk.struct[0].float().cpu())
+        os.replace(partial, out)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    if opts.save_latents is not None:
+        tensors = {"video_latent": torch.cat(latents, dim=1).contiguous()}
+        if motion:
+            tensors["struct"] = torch.cat(motion)[:frames].contiguous()
+        opts.save_latents.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(opts.save_latents))
+    return {"out": str(out), "frames": written, "latent_frames": n_latent,
+            "seconds": written / mcfg.fps, "model_calls": sampler.stats.model_calls}
