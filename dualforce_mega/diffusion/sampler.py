@@ -126,13 +126,15 @@ class ARSampler:
                 counts = self._struct_counts(chunk)
                 n_blocks = int(blocks[-1]) + 1
                 for p in ([] if known else pyramid_passes(n_blocks, sigmas, d.ar_step)):
+                    # per-frame sigmas of this pass; pinned (known) frames stay at sigma 0 and never move
                     sv, sv_next = p.sigma[blocks], p.sigma_next[blocks]
                     ss, ss_next = sv.masked_fill(pin_s, 0.0), sv_next.masked_fill(pin_s, 0.0)
                     sv, sv_next = sv.masked_fill(pin_v, 0.0), sv_next.masked_fill(pin_v, 0.0)
                     vel_v, vel_s = self._velocity(history, chunk, xv, sv, xs, ss, branches, audio, kp, text)
                     xv = euler_step(xv, vel_v, self._per_frame(sv, xv), self._per_frame(sv_next, xv))
                     if xs is not None:
-                        xs = euler_step(xs, vel_s, self._per_token(ss, counts, xs), self._per_token(ss_next, counts, xs))
+                        xs = euler_step(xs, vel_s, self._per_token(ss, counts, xs),
+                                        self._per_token(ss_next, counts, xs))
                 if history.needs_writing_pass:
                     zero = torch.zeros(chunk.end - chunk.start)
                     self._velocity(history, chunk, xv, zero, xs, zero if xs is not None else None, branches,
