@@ -81,6 +81,8 @@ CASES = [
     ("video_only_phase2", dict(struct_tower=False, audio=False, text_dim=0), dict(frames=3, hw=(2, 6), struct=False),
      {}, False),
     ("unidirectional_bridge_all_pad_shard", dict(bridge="struct_to_video"), dict(frames=1, hw=(2, 2)), {}, False),
+    # the prefix-attention backend (flash-attn's code path; torch SDPA on CPU) with padded shards
+    ("flash_backend_cbs2", dict(attn_backend="flash", causal_block_size=2), dict(frames=3, hw=(2, 10)), {}, False),
 ]
 
 

@@ -36,6 +36,9 @@ from ..models.dualforce import DualForceModel
 
 log = logging.getLogger(__name__)
 
+# torch >= 2.10 names it reduce_scatter_single; older CUDA builds of torch only have reduce_scatter_tensor
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 
 # --------------------------------------------------------------------------------------
 # collectives with exact adjoints
@@ -77,7 +80,7 @@ class _GatherSequence(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         chunks = torch.stack([c.contiguous() for c in grad.chunk(ctx.size, dim=ctx.dim)])  # [P, *shard]
         out = torch.empty_like(chunks[0])
-        dist.reduce_scatter_tensor(out, chunks.flatten(0, 1), op=dist.ReduceOp.SUM, group=ctx.group)
+        _reduce_scatter(out, chunks.flatten(0, 1), op=dist.ReduceOp.SUM, group=ctx.group)
         return out, None, None, None
 
 
