@@ -36,7 +36,7 @@ from ..models.dualforce import DualForceModel
 
 log = logging.getLogger(__name__)
 
-# torch >= 2.10 names it reduce_scatter_single; older CUDA builds of torch only have reduce_scatter_tensor
+# newer torch names it reduce_scatter_single (reduce_scatter_tensor is deprecated); older builds lack it
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
