@@ -1,10 +1,11 @@
 """End-to-end DeepSpeed ZeRO-3 training on CPU through the real launch path (2 ranks, gloo).
 
-Four launches are shared by the tests (DeepSpeed start-up dominates their cost):
+Launches shared by the tests (DeepSpeed start-up dominates their cost):
   straight  `bash launch/train_dualforce.sh` (the README command), 2 ranks, tiny preset, synthetic data
   single    the same config in one process (`python -m dualforce_mega.training.train`)
   crashed   the straight command with rank 1 SIGKILLed in the middle of saving step 10
   resumed   the identical command again: resumes from step 5 (the last complete checkpoint)
+plus a short `deepspeed launch/pretrain_causal.sh` run (Phase 2) on the straight run's shards.
 """
 from __future__ import annotations
 
@@ -144,3 +145,17 @@ def test_same_command_resumes_exactly(straight, crashed, resumed) -> None:
     diff = max(abs(a["loss"] - b["loss"]) for a, b in zip(records[after], reference[after]))
     assert diff < 1e-6, diff
     assert (run_dir / "checkpoints" / "latest").read_text() == tag_for(STEPS)
+
+
+def test_deepspeed_launcher_runs_the_phase2_script(tmp_path: Path, shards: str) -> None:
+    """`deepspeed launch/pretrain_causal.sh`: DeepSpeed's launcher runs the .sh file with python on each rank."""
+    run_dir = tmp_path / "phase2"
+    steps = 2
+    out = _run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "launch/pretrain_causal.sh",
+                "--set", f"run.dir={run_dir}", "--set", f"train.steps={steps}", "--set", f"data.shards={shards}"])
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    assert "phase 2" in out.stdout + out.stderr and "dp=2" in out.stdout + out.stderr
+    records = _records(run_dir)
+    assert [r["step"] for r in records] == list(range(1, steps + 1))
+    # video-only: no struct tower, so no struct / FLAME / lip-sync terms
+    assert all(r["loss"] == r["loss_video"] and "loss_struct" not in r and "loss_lipsync" not in r for r in records)
