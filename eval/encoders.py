@@ -9,10 +9,11 @@ Latent convention: the DiT works on VAE latents normalised per channel with the 
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 from pathlib import Path
-from typing import Optional, Union
+from typing import Union
 
 import torch
 import torch.nn.functional as F
@@ -139,7 +140,6 @@ class SpeechEncoder:
         normalize = True
         prep = Path(path) / "preprocessor_config.json"
         if prep.is_file():
-            import json
             normalize = bool(json.loads(prep.read_text()).get("do_normalize", True))
         return cls(model, layer=layer, normalize=normalize)
 

@@ -31,7 +31,7 @@ import torch
 
 from ..config import DiffusionConfig
 from ..models.dualforce import DualForceModel
-from ..models.layout import latent_frame_spans, num_video_frames
+from ..models.layout import latent_frame_spans
 from .ar_schedule import Chunk, block_of_frames, plan_chunks, pyramid_passes
 from .flow import euler_step
 from .history import CachedHistory, PassInputs, RecomputeHistory
@@ -140,6 +140,8 @@ class ARSampler:
                     self._velocity(history, chunk, xv, zero, xs, zero if xs is not None else None, branches,
                                    audio, kp, text, writing=True)
                 history.append(xv, xs)
+                log.debug("chunk %d (latent frames %d..%d) done: %d model calls, history %d tokens",
+                          chunk.index, chunk.start, chunk.end - 1, self.stats.model_calls, history.num_tokens())
                 self.stats.history_tokens.append(history.num_tokens())
                 self.stats.history_bytes.append(history.nbytes())
                 yield GeneratedChunk(chunk.start, chunk.end, xv, xs,
@@ -236,5 +238,4 @@ def num_latent_frames(num_video: int, stride: int) -> int:
     return 1 + -(-(num_video - 1) // stride)
 
 
-__all__ = ["ARSampler", "SampleInputs", "GeneratedChunk", "SamplerStats", "frame_noise", "num_latent_frames",
-           "num_video_frames"]
+__all__ = ["ARSampler", "SampleInputs", "GeneratedChunk", "SamplerStats", "frame_noise", "num_latent_frames"]
