@@ -155,7 +155,14 @@ class SpeechEncoder:
     @torch.no_grad()
     def encode(self, wave: torch.Tensor, num_video_frames: int, fps: int, per_frame: int) -> torch.Tensor:
         """wave [S] at 16 kHz covering ``num_video_frames / fps`` s -> features [per_frame * frames, dim]."""
+        feats = self.hidden_states(wave)
+        # [T, D] -> [target, D], linear in time over the clip
         target = per_frame * num_video_frames
+        return F.interpolate(feats.t()[None], size=target, mode="linear", align_corners=False)[0].t()
+
+    @torch.no_grad()
+    def hidden_states(self, wave: torch.Tensor) -> torch.Tensor:
+        """wave [S] -> encoder frames [T, dim] at the encoder's hop, segment by segment."""
         pieces = []
         for start in range(0, max(wave.numel(), 1), self.segment):
             lo = max(start - self.context, 0)
@@ -164,9 +171,7 @@ class SpeechEncoder:
             a = (start - lo) // self.stride
             b = a + -(-(min(start + self.segment, wave.numel()) - start) // self.stride)
             pieces.append(h[a:min(b, h.shape[0])])
-        feats = torch.cat(pieces)
-        # [T, D] -> [target, D], linear in time over the clip
-        return F.interpolate(feats.t()[None], size=target, mode="linear", align_corners=False)[0].t()
+        return torch.cat(pieces)
 
 
 def tiny_audio_encoder(hidden_size: int) -> HubertModel:

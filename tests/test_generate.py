@@ -134,9 +134,15 @@ def test_speech_features_aligned():
     wav = torch.randn(frames * 16000 // FPS)
     feats = enc.encode(wav, frames, FPS, per_frame=2)
     assert feats.shape == (2 * frames, 32)
-    # segmenting long audio keeps the alignment (same length, close features away from the cuts)
-    seg = SpeechEncoder(enc.model, segment_s=0.2, context_s=0.1).encode(wav, frames, FPS, per_frame=2)
-    assert seg.shape == feats.shape
+    whole = enc.hidden_states(wav)
+    assert whole.shape[0] == (wav.numel() - 400) // 320 + 1  # HuBERT's conv front end: 25 ms window, 20 ms hop
+    # one segment covering the clip is the plain encoder call
+    assert torch.equal(SpeechEncoder(enc.model, segment_s=1.0).hidden_states(wav), whole)
+    # segmented (long audio): every segment contributes its own hops, so the time axis stays aligned
+    seg = SpeechEncoder(enc.model, segment_s=0.2, context_s=0.1)
+    segments = -(-wav.numel() // seg.segment)
+    assert abs(seg.hidden_states(wav).shape[0] - whole.shape[0]) <= segments
+    assert seg.encode(wav, frames, FPS, per_frame=2).shape == feats.shape
 
 
 def test_bad_inputs_name_the_file(tmp_path):
