@@ -29,14 +29,15 @@ def _sync(device: torch.device) -> None:
 
 
 def time_generation(model: DualForceModel, cfg: DiffusionConfig, inputs: SampleInputs, cache: bool,
-                    device: torch.device) -> tuple[float, int]:
+                    device: torch.device) -> tuple[float, int, int]:
+    """(seconds, model calls, largest history in bytes: KV cache or recomputed latents)."""
     sampler = ARSampler(model, cfg, use_cache=cache)
     _sync(device)
     t0 = time.perf_counter()
     for _ in sampler.generate(inputs):
         pass
     _sync(device)
-    return time.perf_counter() - t0, sampler.stats.model_calls
+    return time.perf_counter() - t0, sampler.stats.model_calls, max(sampler.stats.history_bytes)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -73,15 +74,16 @@ def main(argv: Optional[list[str]] = None) -> None:
     for cache in (True, False):
         time_generation(model, cfg, warm, cache, device)
 
-    print(f"{'latent':>6} {'video':>6} | {'cache fps':>10} {'calls':>6} | {'recompute fps':>13} {'calls':>6} | ratio")
+    print(f"{'latent':>6} {'video':>6} | {'cache fps':>10} {'calls':>6} {'KV MiB':>7} | "
+          f"{'recompute fps':>13} {'calls':>6} | ratio")
     for length in args.lengths:
         frames = num_video_frames(length, mcfg.vae_temporal_stride)
         inputs = SampleInputs(torch.randn(1, mcfg.in_channels, h, w), length, [0],
                               audio=torch.randn(1, 2 * frames, mcfg.audio_dim))
-        t_c, calls_c = time_generation(model, cfg, inputs, True, device)
-        t_r, calls_r = time_generation(model, cfg, inputs, False, device)
-        print(f"{length:>6} {frames:>6} | {frames / t_c:>10.1f} {calls_c:>6} | {frames / t_r:>13.1f} {calls_r:>6} "
-              f"| {t_r / t_c:5.2f}x")
+        t_c, calls_c, kv_bytes = time_generation(model, cfg, inputs, True, device)
+        t_r, calls_r, _ = time_generation(model, cfg, inputs, False, device)
+        print(f"{length:>6} {frames:>6} | {frames / t_c:>10.1f} {calls_c:>6} {kv_bytes / 2**20:>7.2f} | "
+              f"{frames / t_r:>13.1f} {calls_r:>6} | {t_r / t_c:5.2f}x")
 
 
 if __name__ == "__main__":
