@@ -87,6 +87,15 @@ def test_kv_cache_equals_recompute_block_size_2():
     assert torch.equal(v_c[:, :, 0], inp.reference)
 
 
+def test_kv_cache_equals_recompute_prefix_backend():
+    """The "flash" backend (per-block prefix attention; torch SDPA kernels on CPU) with cached keys."""
+    model = randomized_model(attn_backend="flash")
+    cfg = DiffusionConfig(sample_steps=2, chunk_blocks=3, window_blocks=2, ar_step=1)
+    v_c, s_c, _ = run(model, cfg, inputs(8), cache=True)
+    v_r, s_r, _ = run(model, cfg, inputs(8), cache=False)
+    assert (v_c - v_r).abs().max() < TOL and (s_c - s_r).abs().max() < TOL
+
+
 def test_kv_cache_equals_recompute_video_only():
     model = randomized_model(struct_tower=False)
     cfg = DiffusionConfig(sample_steps=2, chunk_blocks=2, window_blocks=2)
@@ -248,3 +257,22 @@ def test_pyramid_passes(blocks, ar_step):
 
 def test_num_latent_frames():
     assert [num_latent_frames(n, 4) for n in (1, 2, 5, 6, 65, 129)] == [1, 2, 2, 3, 17, 33]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["sdpa", "flex", "flash"])
+def test_kv_cache_equals_recompute_cuda(backend):
+    """Same equality on the GPU through each attention backend (fp32, TF32 off)."""
+    if backend == "flex":
+        pytest.importorskip("torch.nn.attention.flex_attention")
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        model = randomized_model(attn_backend=backend).cuda()
+        cfg = DiffusionConfig(sample_steps=2, chunk_blocks=3, window_blocks=2, ar_step=1, cfg_audio=2.0)
+        v_c, s_c, _ = run(model, cfg, inputs(8), cache=True)
+        v_r, s_r, _ = run(model, cfg, inputs(8), cache=False)
+        assert v_c.is_cuda
+        assert (v_c - v_r).abs().max() < TOL and (s_c - s_r).abs().max() < TOL
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
