@@ -76,6 +76,7 @@ class Attention(nn.Module):
             if cache is not None:
                 raise ValueError(f"{self.cache_name}: KV-cache inference does not run sequence-parallel")
             return self.sequence_parallel(q, k, v, spec, self.backend)
+        backend = self.backend
         if cache is not None:
             prev = cache.get(self.cache_name)
             if cache.writing:
@@ -84,7 +85,11 @@ class Attention(nn.Module):
                 k = torch.cat([prev.k, k], dim=1)
                 v = torch.cat([prev.v, v], dim=1)
                 spec = spec.with_prefix_keys(prev.blocks, ("cache", prev.k.shape[1]))
-        return block_attention(q, k, v, spec, self.backend)
+            # the key length changes every chunk: a compiled flex kernel would recompile each
+            # time, while per-block prefix calls need no mask at all
+            if backend == "auto":
+                backend = "flash"
+        return block_attention(q, k, v, spec, backend)
 
 
 class DiTBlock(nn.Module):
