@@ -205,7 +205,7 @@ def format_report(r: dict) -> str:
     lines.append(f"  (activations: {a['checkpointing']:.2f} with checkpointing, {a['no_checkpointing']:.2f} without)")
     lines.append(f"FLOPs per sample: forward linear {fl['linear_forward']:.3e}, forward attention "
                  f"{fl['attention_forward']:.3e} (block-causal, unmasked pairs only); training {fl['training']:.3e}"
-                 f" (+ recompute: {fl['training_with_recompute']:.3e})")
+                 + (f", {fl['training_with_recompute']:.3e} with checkpoint recompute" if i["checkpointing"] else ""))
     lines.append(f"step time per micro batch: {r['step_time_s_per_micro_batch']:.2f} s at {r['throughput_assumption']}")
     if r["fits"]:
         lines.append(f"fits: {mem['total']:.1f} GiB <= {r['budget_gib']:.1f} GiB budget")

@@ -13,6 +13,9 @@ the struct->video bridge gathers every video key and value (full length on every
 
 With activation checkpointing each layer keeps only its inputs; the backward recomputes one layer
 at a time, so the peak is all layer inputs plus one layer's saved tensors.
+
+Not included: short-lived buffers (backward temporaries -- ~1% of the total in the CPU measurement --
+and, under SP, the send/receive copies of one layer's q/k/v around an all-to-all).
 """
 from __future__ import annotations
 
