@@ -78,8 +78,8 @@ class TokenGroups:
     ``group`` [L] is each token's group (frame) index into a per-frame tensor. When every group
     owns ``per_group`` consecutive tokens, per-frame tensors broadcast without a gather.
     ``start`` > 0 (or fewer tokens than ``num_groups * per_group``) marks a contiguous slice of such a
-    uniform sequence beginning at token ``start`` (a sequence-parallel shard): per-frame tensors then
-    take the gather path, and the audio cross-attention re-pads the slice to whole groups.
+    uniform sequence beginning at token ``start`` (a sequence-parallel shard): modulation and the
+    audio cross-attention pad such a slice to whole groups, ``expand`` gathers per token.
     """
     group: torch.Tensor
     num_groups: int
@@ -103,24 +103,34 @@ class TokenGroups:
         """True when ``num_tokens`` tokens are exactly ``num_groups`` whole groups of ``per_group``."""
         return self.per_group is not None and self.start == 0 and num_tokens == self.num_groups * self.per_group
 
-    def _views(self, x: torch.Tensor, per_frame: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """x [B, L, D] and per_frame [B, G, D] as broadcast-compatible views (no copy when uniform)."""
-        if self.is_uniform(x.shape[1]):
-            return x.unflatten(1, (self.num_groups, self.per_group)), per_frame.unsqueeze(2), True
-        return x, per_frame[:, self.group], False
+    def _per_frame_op(self, x: torch.Tensor, per_frame: tuple[torch.Tensor, ...], fn) -> torch.Tensor:
+        """``fn(x, *per_frame)`` with per-frame tensors [B, G, D] broadcast over x [B, L, D].
+
+        Uniform groups broadcast as views; a slice of uniform groups (sequence-parallel shard) is
+        zero-padded to whole groups so it broadcasts too (no [B, L, D] gather of per-frame tensors);
+        other groupings gather per token.
+        """
+        n_tok = x.shape[1]
+        if self.is_uniform(n_tok):
+            out = fn(x.unflatten(1, (self.num_groups, self.per_group)), *(p.unsqueeze(2) for p in per_frame))
+            return out.flatten(1, 2)
+        if self.per_group is not None:
+            pg = self.per_group
+            first, lead = divmod(self.start, pg)
+            n = -(-(lead + n_tok) // pg)
+            idx = torch.arange(first, first + n, device=x.device).clamp_max(self.num_groups - 1)
+            xp = F.pad(x, (0, 0, lead, n * pg - lead - n_tok))
+            out = fn(xp.unflatten(1, (n, pg)), *(p[:, idx].unsqueeze(2) for p in per_frame))
+            return out.flatten(1, 2)[:, lead:lead + n_tok]
+        return fn(x, *(p[:, self.group] for p in per_frame))
 
     def modulate(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """fp32 ``x * (1 + scale) + shift`` with per-frame shift/scale [B, G, D] -> [B, L, D]."""
-        xv, sh, grouped = self._views(x, shift)
-        _, sc, _ = self._views(x, scale)
-        out = xv.float() * (1.0 + sc) + sh
-        return out.flatten(1, 2) if grouped else out
+        return self._per_frame_op(x, (shift, scale), lambda xv, sh, sc: xv.float() * (1.0 + sc) + sh)
 
     def gated_add(self, x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         """Residual ``x + y * gate`` with a per-frame gate [B, G, D], computed in fp32."""
-        yv, g, grouped = self._views(y, gate)
-        out = yv.float() * g
-        out = out.flatten(1, 2) if grouped else out
+        out = self._per_frame_op(y, (gate,), lambda yv, g: yv.float() * g)
         return (x.float() + out).to(x.dtype)
 
     def narrow(self, start: int, length: int) -> "TokenGroups":
