@@ -37,15 +37,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _spawn(fn, *args) -> None:
+def _spawn(fn, *args, world: int = WORLD) -> None:
     port = _free_port()
-    mp.start_processes(fn, args=(port,) + args, nprocs=WORLD, join=True, start_method="spawn")
+    mp.start_processes(fn, args=(port, world) + args, nprocs=world, join=True, start_method="spawn")
 
 
-def _init(rank: int, port: int) -> None:
+def _init(rank: int, port: int, world: int) -> None:
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
 
 
 def _loss(out, seed: int = 11) -> torch.Tensor:
@@ -86,9 +86,9 @@ CASES = [
 ]
 
 
-def _equivalence_worker(rank: int, port: int) -> None:
-    _init(rank, port)
-    for name, overrides, input_kw, fwd_kw, ckpt in CASES:
+def _equivalence_worker(rank: int, port: int, world: int, cases: list) -> None:
+    _init(rank, port, world)
+    for name, overrides, input_kw, fwd_kw, ckpt in cases:
         ref = tiny_model(seed=3, **overrides)
         randomize_heads(ref)
         _open_audio_gates(ref)
@@ -103,7 +103,7 @@ def _equivalence_worker(rank: int, port: int) -> None:
         g_ref = _grads(ref)
 
         ctx = apply_sequence_parallel(spm, dist.group.WORLD)
-        assert ctx is not None and ctx.size == WORLD and ctx.rank == rank
+        assert ctx is not None and ctx.size == world and ctx.rank == rank
         out_sp = spm(**inputs, **fwd_kw, return_aux=True)
         _loss(out_sp).backward()
         g_sp = _grads(spm)
@@ -117,21 +117,29 @@ def _equivalence_worker(rank: int, port: int) -> None:
         worst = (0.0, "")
         for n, g in g_sp.items():
             dist.all_reduce(g)  # the SP group's gradients sum to P x the reference
-            worst = max(worst, ((g / WORLD - g_ref[n]).abs().max().item(), n))
+            worst = max(worst, ((g / world - g_ref[n]).abs().max().item(), n))
         assert worst[0] < TOL, f"{name}: gradient of {worst[1]} differs by {worst[0]:.3e}"
         if rank == 0:
             print(f"{name}: max |grad diff| {worst[0]:.2e} ({worst[1]})")
         # the test has teeth only if the SP run produced real, non-zero gradients everywhere
         assert sum(int(g.abs().sum() > 0) for g in g_ref.values()) == len(g_ref), f"{name}: dead parameters"
-    # 3 heads cannot be split over 2 ranks
-    with pytest.raises(ValueError, match=r"parallel\.sp=2 must divide model\.heads=3"):
+    # 3 heads cannot be split over 2 (or 4) ranks
+    with pytest.raises(ValueError, match=rf"parallel\.sp={world} must divide model\.heads=3"):
         apply_sequence_parallel(tiny_model(dim=48, heads=3), dist.group.WORLD)
     dist.destroy_process_group()
 
 
 @pytest.mark.distributed
 def test_sp2_equals_sp1_outputs_and_gradients() -> None:
-    _spawn(_equivalence_worker)
+    _spawn(_equivalence_worker, CASES)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_sp4_equals_sp1() -> None:
+    """Four shards: two of them inside one latent frame, one all padding at the end."""
+    _spawn(_equivalence_worker, [CASES[0], ("four_shards_tail_padding", dict(causal_block_size=2),
+                                             dict(frames=2, hw=(2, 6)), {}, False)], world=4)
 
 
 def test_heads_not_divisible_is_a_clear_error() -> None:
@@ -164,10 +172,10 @@ def test_narrowed_groups_match_the_full_grouping() -> None:
     assert tail.group.tolist() == [4, 4, 4, 4]
 
 
-def _groups_worker(rank: int, port: int) -> None:
+def _groups_worker(rank: int, port: int, world: int) -> None:
     from dualforce_mega.parallel.groups import destroy_groups, init_groups
 
-    _init(rank, port)
+    _init(rank, port, world)
     for impl in ("megatron", "torch"):
         g = init_groups(2, impl=impl)
         assert (g.impl, g.dp_rank, g.dp_size, g.sp_rank, g.sp_size) == (impl, 0, 1, rank, 2)
