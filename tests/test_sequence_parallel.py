@@ -216,13 +216,17 @@ def _train(run_dir: Path, sp: int, ranks: int, shards: str = "") -> list[dict]:
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_trainer_sp2_on_two_ranks_equals_single_process(tmp_path: Path) -> None:
-    """The real trainer (DeepSpeed ZeRO-3, gloo): parallel.sp=2 on 2 ranks (dp 1, both ranks fed the
-    same batches and noise) trains exactly like one process, step by step -- the loss and the
-    pre-clipping gradient norm (a gradient off by the SP size would double it) agree."""
+    """The real trainer (DeepSpeed ZeRO-3, gloo): parallel.sp=2 on 2 ranks (dp 1) and on 4 ranks (dp 2)
+    trains exactly like one process, step by step -- the loss and the pre-clipping gradient norm (a
+    gradient off by the SP size would double it) agree. Ranks of an SP group get the same batches
+    and noise."""
     single = _train(tmp_path / "single", sp=1, ranks=1)
-    sp2 = _train(tmp_path / "sp2", sp=2, ranks=2, shards=str(tmp_path / "single" / "synthetic_shards"))
-    assert [r["step"] for r in sp2] == [r["step"] for r in single] == list(range(1, TRAIN_STEPS + 1))
-    for a, b in zip(single, sp2):
-        assert abs(a["loss"] - b["loss"]) < TOL, (a["step"], a["loss"], b["loss"])
-        assert abs(a["grad_norm"] - b["grad_norm"]) < TOL * max(1.0, a["grad_norm"]), (a["step"], a, b)
+    shards = str(tmp_path / "single" / "synthetic_shards")
+    # sp 2 x dp 1 on 2 ranks, and sp 2 x dp 2 on 4 ranks (loader split by dp rank, 2 accumulation steps)
+    for ranks in (2, 4):
+        run = _train(tmp_path / f"sp2_ranks{ranks}", sp=2, ranks=ranks, shards=shards)
+        assert [r["step"] for r in run] == [r["step"] for r in single] == list(range(1, TRAIN_STEPS + 1))
+        for a, b in zip(single, run):
+            assert abs(a["loss"] - b["loss"]) < TOL, (ranks, a["step"], a["loss"], b["loss"])
+            assert abs(a["grad_norm"] - b["grad_norm"]) < TOL * max(1.0, a["grad_norm"]), (ranks, a["step"], a, b)
     assert single[-1]["loss"] != single[0]["loss"]   # it trained
