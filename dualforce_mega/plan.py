@@ -86,6 +86,24 @@ def model_config(preset: str, sp: int) -> ModelConfig:
     return build_config({"model": {"preset": preset}, "parallel": {"sp": sp}}).model
 
 
+def sp_comm_bytes(m: ModelConfig, inp: PlanInput, shard_tokens: int) -> float:
+    """Bytes one GPU sends over the SP group per micro batch (forward, checkpoint recompute, backward).
+
+    Per video layer two all-to-alls (q/k/v in, attention out back), per bidirectional bridge layer one
+    K/V all-gather, and the output head's all-gather; each moves (P-1)/P of its buffer, and the
+    backward moves the same again (inverse all-to-all, reduce-scatter).
+    """
+    if inp.sp == 1:
+        return 0.0
+    a, tok = inp.act_bytes, inp.micro_batch * shard_tokens
+    per_forward = m.layers * (3 + 1) * tok * m.dim * a
+    if m.struct_tower and m.bridge == "bidirectional":
+        per_forward += m.fusion_depth * 2 * tok * m.dim * a
+    per_forward += tok * m.out_channels * math.prod(m.patch_size) * a
+    passes = 2 + (1 if inp.checkpointing else 0)
+    return passes * per_forward * (inp.sp - 1) / inp.sp
+
+
 def layer_params(model) -> int:
     """Largest parameter count gathered at once by one checkpointed layer (video + struct block + bridge)."""
     sizes = []
@@ -163,6 +181,7 @@ def plan(inp: PlanInput, propose: bool = True) -> dict:
         "activations_gib": {"checkpointing": acts.total(True) / GIB, "no_checkpointing": acts.total(False) / GIB},
         "flops_per_sample": per_sample,
         "step_time_s_per_micro_batch": seconds,
+        "sp_comm_gib_per_micro_batch": sp_comm_bytes(m, inp, math.ceil(video_tokens / inp.sp)) / GIB,
         "throughput_assumption": throughput,
         "budget_gib": budget,
         "fits": fits,
@@ -206,7 +225,8 @@ def format_report(r: dict) -> str:
     lines.append(f"FLOPs per sample: forward linear {fl['linear_forward']:.3e}, forward attention "
                  f"{fl['attention_forward']:.3e} (block-causal, unmasked pairs only); training {fl['training']:.3e}"
                  + (f", {fl['training_with_recompute']:.3e} with checkpoint recompute" if i["checkpointing"] else ""))
-    lines.append(f"step time per micro batch: {r['step_time_s_per_micro_batch']:.2f} s at {r['throughput_assumption']}")
+    lines.append(f"step time per micro batch: {r['step_time_s_per_micro_batch']:.2f} s at {r['throughput_assumption']}"
+                 f" (compute only; SP traffic {r['sp_comm_gib_per_micro_batch']:.1f} GiB sent per GPU)")
     if r["fits"]:
         lines.append(f"fits: {mem['total']:.1f} GiB <= {r['budget_gib']:.1f} GiB budget")
     else:

@@ -130,3 +130,11 @@ def test_long_sequence_configs_follow_the_planner(frames: int) -> None:
                        propose=False)["fits"]]
     assert cfg.parallel.sp == min(fitting)
     assert cfg.train.global_batch % (cfg.train.micro_batch * 8 // cfg.parallel.sp) == 0
+
+
+def test_sp_traffic_follows_the_shard_size() -> None:
+    kw = dict(preset="lite", frames=129, resolution=512, checkpointing=False)
+    traffic = {sp: plan(PlanInput(sp=sp, **kw), propose=False)["sp_comm_gib_per_micro_batch"] for sp in (1, 2, 4)}
+    assert traffic[1] == 0.0
+    # each GPU sends (P-1)/P of a shard of L/P tokens: L/4 at P=2, 3L/16 at P=4
+    assert traffic[4] / traffic[2] == pytest.approx(0.75)
