@@ -102,10 +102,7 @@ class UlyssesAttention(_GroupBound):
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: MaskSpec,
                  backend: str) -> torch.Tensor:
-        heads = q.shape[2]
-        if heads % self.size:
-            raise ValueError(f"parallel.sp={self.size} must divide model.heads={heads} "
-                             "(Ulysses shards attention heads across the sequence-parallel group)")
+        check_heads(self.size, q.shape[2])
         # one all-to-all for q, k and v: [3, B, L/P, H, D] -> [3, B, L, H/P, D]
         qkv = _AllToAll.apply(torch.stack([q, k, v]), 3, 2, self.group, self.size)
         out = block_attention(qkv[0], qkv[1], qkv[2], spec, backend)
