@@ -60,10 +60,10 @@ def _rms(d: int) -> int:
 
 def _attn_kernel(m: ModelConfig, a: int, lq: int, lk: int, masked: bool, dense_mask: bool) -> int:
     """q, k, v, out (activation dtype), log-sum-exp (fp32 per head); the dense CPU reference also
-    keeps its additive fp32 mask [Lq, Lk]."""
+    keeps its additive mask [Lq, Lk] (in the activation dtype)."""
     saved = a * m.dim * (2 * lq + 2 * lk) + FP32 * m.heads * lq
     if masked and dense_mask:
-        saved += FP32 * lq * lk
+        saved += a * lq * lk
     return saved
 
 
@@ -83,7 +83,7 @@ def _self_kernel(m: ModelConfig, a: int, s: StreamShape, dense_mask: bool) -> in
     # q, k, v, out of the local tokens (after the all-to-all: all tokens for H/P heads -- equal bytes)
     saved = 4 * a * m.dim * s.tokens + FP32 * m.heads * s.tokens
     if dense_mask:  # the mask covers the full sequence on every rank
-        saved += FP32 * s.keys * s.keys
+        saved += a * s.keys * s.keys
     return saved
 
 
