@@ -78,6 +78,8 @@ def init_groups(sp: int, impl: str = "auto") -> Groups:
     if sp < 1 or world % sp != 0:
         raise ValueError(f"parallel.sp={sp} must divide the world size {world}")
     if sp == 1:
+        log.info("process groups: world %d = dp %d x sp 1 (no sequence parallelism; the world is the dp group)",
+                 world, world)
         return Groups(dp_rank=rank, dp_size=world, sp_rank=0, sp_size=1, sp_group=None, dp_group=None)
     used = impl
     if impl in ("auto", "megatron"):
