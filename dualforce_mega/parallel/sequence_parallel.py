@@ -11,8 +11,10 @@ Per attention:
   bridge struct->video   replicated struct queries need every video key: all-gather K/V
                          (``GatheredKeyAttention``; backward = reduce-scatter).
   text / audio cross     local per token (audio windows follow each token's frame; ``TokenGroups``).
-The output head's small per-token output (out_channels * patch values) is all-gathered, so every rank
-returns the full prediction and computes the full (identical) loss.
+The output head's small per-token output (out_channels * patch = 64 values, against dim = 1536 for one
+hidden all-to-all) is all-gathered, so every rank returns the full prediction and computes the full
+(identical) loss: the objective, its metrics and the aux heads need no sharding and no (sum, count)
+all-reduce. KV-cache inference refuses to run sequence-parallel.
 
 Gradients. Every communication op has its exact adjoint as backward (all-to-all <-> inverse
 all-to-all, all-gather <-> reduce-scatter of the sum), so the distributed backward computes the
