@@ -177,10 +177,20 @@ def live_tensor_bytes(exclude: set) -> int:
     return total
 
 
+def _has_real_storage(t: torch.Tensor) -> bool:
+    """False for tensors without data (fake/functional tensors other tests' compiles leave behind)."""
+    try:
+        t.untyped_storage().data_ptr()
+    except RuntimeError:
+        return False
+    return True
+
+
 def live_tensors() -> list[torch.Tensor]:
     with warnings.catch_warnings():  # isinstance() touches deprecated lazy module attributes
         warnings.simplefilter("ignore", FutureWarning)
-        return [o for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.device.type == "cpu"]
+        return [o for o in gc.get_objects()
+                if isinstance(o, torch.Tensor) and o.device.type == "cpu" and _has_real_storage(o)]
 
 
 def retained_bytes_per_chunk(model, cfg: DiffusionConfig, inp: SampleInputs) -> list[int]:
