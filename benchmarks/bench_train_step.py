@@ -15,7 +15,6 @@ from ``--frames`` until a step runs out of memory, then bisection.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
 import logging
 from dataclasses import dataclass

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -22,6 +21,7 @@ import torch
 
 from dualforce_mega.bundle import CONFIG_NAME
 from dualforce_mega.config import Config, load_config
+from dualforce_mega.fsutil import atomic_write
 
 from .safetensors_io import DTYPES, ShardedWriter, TensorSpec, output_dtype, parse_size
 from .zero_reader import ZeroCheckpoint, ZeroCheckpointError, locate
@@ -46,9 +46,7 @@ class ConversionResult:
 
 def write_config_json(cfg: Config, out_dir: Path) -> Path:
     path = Path(out_dir) / CONFIG_NAME
-    tmp = path.with_name(f".{CONFIG_NAME}.partial")
-    tmp.write_text(json.dumps(cfg.to_dict(), indent=1))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(cfg.to_dict(), indent=1), path.with_name(f".{CONFIG_NAME}.partial"))
     return path
 
 

@@ -21,6 +21,7 @@ from safetensors.torch import save as st_save
 
 from ..config import ModelConfig
 from .norm_stats import FieldStats
+from ..fsutil import atomic_write, fsync_dir
 from .schema import CRC_META_KEY, META_EXT, SCHEMA_VERSION, TENSOR_EXT, ShardSchema
 
 log = logging.getLogger(__name__)
@@ -38,21 +39,7 @@ def _round_up(n: int, m: int) -> int:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + _TMP_SUFFIX)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    atomic_write(path, data, path.with_name(path.name + _TMP_SUFFIX))
 
 
 @dataclass
@@ -207,7 +194,7 @@ class ShardWriter:
         tmp = self.out_dir / (self._current.name + _TMP_SUFFIX)
         final = self.out_dir / self._current.name
         os.replace(tmp, final)
-        _fsync_dir(self.out_dir)
+        fsync_dir(self.out_dir)
         self._current.bytes = final.stat().st_size
         self.shards.append(self._current)
         log.debug("finished %s: %d samples, %d bytes", final, self._current.samples, self._current.bytes)

@@ -24,6 +24,8 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from ..fsutil import atomic_write, fsync_dir
+
 log = logging.getLogger(__name__)
 
 TMP_PREFIX = ".tmp-"
@@ -46,22 +48,8 @@ def step_of(tag: str) -> int:
     return int(m.group(1))
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    atomic_write(path, text, path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}"))
 
 
 def _barrier() -> None:
@@ -136,7 +124,7 @@ class CheckpointManager:
             os.rename(final_dir, trash)
             shutil.rmtree(trash)
         os.rename(tmp_dir, final_dir)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         _atomic_write_text(self.root / LATEST, tag)
         self._prune(keep=tag)
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any, Optional
 
 import torch.distributed as dist
+
+from ..fsutil import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +80,7 @@ class MetricsWriter:
         for line in self.path.read_text().splitlines():
             if line.strip() and json.loads(line).get("step", 0) <= step:
                 kept.append(line)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(k + "\n" for k in kept))
-        os.replace(tmp, self.path)
+        atomic_write(self.path, "".join(k + "\n" for k in kept))
 
     def write(self, record: dict[str, Any], total_steps: int) -> None:
         record = dict(record)
