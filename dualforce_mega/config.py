@@ -353,6 +353,22 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
     return build_config(data, overrides, source=str(path or "<defaults>"))
 
 
+def add_config_arguments(parser, preset: bool = False) -> None:
+    """The config flags every CLI shares: ``--config FILE``, repeatable ``--set section.key=value``
+    (into ``args.overrides``) and, optionally, ``--preset NAME`` (a shorthand for model.preset)."""
+    parser.add_argument("--config", default=None, help="YAML config (sections model/diffusion/data/train/parallel/run)")
+    if preset:
+        parser.add_argument("--preset", default=None, help=f"model preset {sorted(MODEL_PRESETS)}")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one key, e.g. --set train.steps=100 (repeatable)")
+
+
+def config_from_args(args, extra: Optional[list[str]] = None) -> Config:
+    """Config from the flags of ``add_config_arguments`` (``--preset`` before ``--set``)."""
+    preset = [f"model.preset={args.preset}"] if getattr(args, "preset", None) else []
+    return load_config(args.config, preset + list(args.overrides) + list(extra or []))
+
+
 def save_config(cfg: Config, path: Union[str, Path]) -> None:
     import yaml
 

@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, add_config_arguments, config_from_args
 from .diffusion.flow import add_noise, velocity_target
 from .summary import count_parameters
 
@@ -140,9 +140,7 @@ def run(cfg: Config, steps: int, batch: int, frames: int, height: int, width: in
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dualforce_mega.smoke", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default=None, help="optional YAML config")
-    parser.add_argument("--preset", default=None, help="model preset (default: the config's, else tiny)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    add_config_arguments(parser, preset=True)
     parser.add_argument("--steps", type=int, default=1, help="optimizer steps on the same batch")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--frames", type=int, default=3, help="latent frames (frame 0 is the clean reference)")
@@ -152,9 +150,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    preset = [f"model.preset={args.preset}"] if args.preset else []
     try:
-        cfg = load_config(args.config, preset + args.overrides)
+        cfg = config_from_args(args)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

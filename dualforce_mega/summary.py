@@ -16,7 +16,7 @@ from typing import Iterable, Optional
 import torch
 import torch.nn as nn
 
-from .config import MODEL_PRESETS, Config, ConfigError, load_config
+from .config import Config, ConfigError, add_config_arguments, config_from_args
 
 # Order of the report; every trainable parameter falls into exactly one of these.
 COMPONENTS: tuple[str, ...] = ("video_tower", "struct_tower", "bridge", "audio", "adaln", "aux_heads", "text")
@@ -144,16 +144,11 @@ def format_table(summary: dict) -> str:
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dualforce_mega.summary", description=__doc__.split("\n")[0])
-    parser.add_argument("--preset", default=None,
-                        help=f"model preset {sorted(MODEL_PRESETS)} (default: the config's, else tiny)")
-    parser.add_argument("--config", default=None, help="optional YAML config; --preset overrides its model.preset")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="config override, repeatable (e.g. model.fusion_depth=4)")
+    add_config_arguments(parser, preset=True)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = parser.parse_args(argv)
-    preset = [f"model.preset={args.preset}"] if args.preset else []
     try:
-        cfg = load_config(args.config, preset + args.overrides)
+        cfg = config_from_args(args)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from ..config import Config, ConfigError, load_config
+from ..config import Config, ConfigError, add_config_arguments, load_config
 from ..parallel.deepspeed_config import grad_accum_steps
 from .data_feed import logical_streams
 from .phase import apply_phase
@@ -89,15 +89,14 @@ def preflight(config: Optional[str], overrides: list[str], world_size: int) -> t
 
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description="Validate a training launch before any rank starts.")
-    ap.add_argument("--config", default=None)
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    add_config_arguments(ap)
     group = ap.add_mutually_exclusive_group(required=True)
     group.add_argument("--world", type=int, help="number of ranks that will be started")
     group.add_argument("--hostfile", help="DeepSpeed hostfile (world = sum of slots)")
     args = ap.parse_args(argv)
     try:
         world = args.world if args.world is not None else hostfile_slots(args.hostfile)
-        cfg, dp, accum = preflight(args.config, args.set, world)
+        cfg, dp, accum = preflight(args.config, args.overrides, world)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

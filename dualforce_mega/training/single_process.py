@@ -15,7 +15,7 @@ from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
 
-from ..config import Config, load_config
+from ..config import Config, add_config_arguments, config_from_args
 from ..data.schema import ShardSchema
 from ..data.synthetic import make_synthetic_clip
 from ..data.windowing import slice_window
@@ -107,14 +107,13 @@ def train_single_process(cfg: Config, batches: Iterable[dict], steps: Optional[i
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--config", default=None, help="YAML config (default: built-in defaults, tiny preset)")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="config override")
+    add_config_arguments(p)
     p.add_argument("--steps", type=int, default=None, help="override train.steps")
     p.add_argument("--device", default="cpu")
     p.add_argument("--tail", type=int, default=20, help="steps averaged for the first/last summary")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    cfg = load_config(args.config, args.set)
+    cfg = config_from_args(args)
     clips = synthetic_clips(cfg)
     history = train_single_process(cfg, window_batches(clips, cfg, cfg.train.global_batch), args.steps,
                                    device=args.device)

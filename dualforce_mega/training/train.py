@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from ..config import ConfigError, save_config
+from ..config import ConfigError, add_config_arguments, save_config
 from .preflight import preflight
 
 log = logging.getLogger("dualforce_mega.training")
@@ -24,9 +24,7 @@ log = logging.getLogger("dualforce_mega.training")
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default=None, help="YAML config (sections model/diffusion/data/train/parallel/run)")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override one key, e.g. --set train.steps=100 (repeatable)")
+    add_config_arguments(ap)
     # the DeepSpeed launcher appends --local_rank=N; LOCAL_RANK in the environment takes precedence
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return ap.parse_args(argv)
@@ -67,7 +65,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     local_rank = int(os.environ.get("LOCAL_RANK", args.local_rank or 0))
     setup_logging(rank)
     try:   # the same checks launch/*.sh ran before spawning, for direct `deepspeed` / torchrun users
-        cfg, _, _ = preflight(args.config, args.set, world)
+        cfg, _, _ = preflight(args.config, args.overrides, world)
     except ConfigError as e:
         log.error("%s", e)
         return 2
