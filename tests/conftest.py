@@ -47,3 +47,14 @@ def _seed_everything() -> None:
 def tiny_cfg() -> ModelConfig:
     """A fresh tiny ModelConfig (tests may mutate it)."""
     return model_preset("tiny")
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tiny shapes: one intra-op thread is far faster than several on a shared CPU (and keeps
+    results independent of the host's thread count). Use with
+    ``pytestmark = pytest.mark.usefixtures("single_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

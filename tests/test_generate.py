@@ -22,14 +22,7 @@ AAC_FRAME = 1024  # samples per AAC frame: the encoder pads the last one
 SIZE = ["--height", "32", "--width", "32"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny shapes: one intra-op thread is far faster than several on a shared CPU (and keeps
-    results independent of the host's thread count)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 def write_inputs(folder: Path, stem: str, seconds: float, rate: int = 22050) -> tuple[Path, Path]:
     rng = np.random.default_rng(len(stem))

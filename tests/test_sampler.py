@@ -31,14 +31,7 @@ def randomized_model(**overrides) -> DualForceModel:
     return model.eval()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny shapes: one intra-op thread is far faster than several on a shared CPU (and keeps
-    results independent of the host's thread count)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 @pytest.fixture(scope="module")
 def model() -> DualForceModel:
