@@ -28,8 +28,8 @@ from typing import Callable, Optional
 
 import torch
 
-from common import (allow_recompiles, device_name, dump_json, fmt, free_memory, is_oom,  # noqa: I100
-                    markdown_table, release, time_fn)
+from common import (allow_recompiles, bench_device, csv_list, device_name, dump_json, fmt,  # noqa: I100
+                    free_memory, is_oom, markdown_table, release, time_fn)
 from dualforce_mega.models.attention import (MaskSpec, _flash_attn_func, _flex, _mask_mod, _sdpa,
                                              block_attention, flex_block_mask_from_blocks, prefix_plan)
 
@@ -230,9 +230,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     if args.cpu_smoke:
         args.frames, args.sp, args.heads, args.head_dim, args.tokens_per_frame = "2,4", "1,2", 2, 16, 16
         args.warmup, args.iters, args.max_seconds = 1, 2, 0.0
-    args.frames = [int(x) for x in str(args.frames).split(",") if x]
-    args.sp = [int(x) for x in str(args.sp).split(",") if x]
-    args.backends = [x for x in str(args.backends).split(",") if x]
+    args.frames, args.sp, args.backends = csv_list(args.frames, int), csv_list(args.sp, int), csv_list(args.backends)
     for p_ in args.sp:
         if args.heads % p_:
             raise SystemExit(f"--sp {p_}: must divide --heads {args.heads} (Ulysses shards heads)")
@@ -242,8 +240,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[list[str]] = None) -> None:
     logging.basicConfig(level=logging.WARNING)
     args = parse_args(argv)
-    device = torch.device("cpu" if args.cpu_smoke or not torch.cuda.is_available() else "cuda")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    device, dtype = bench_device(args.cpu_smoke)
     if device.type == "cuda":
         allow_recompiles(len(args.frames) * len(args.sp))
     print(f"# block-causal attention, fwd+bwd — {device_name(device)}, {str(dtype).replace('torch.', '')}, "

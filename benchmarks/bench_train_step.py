@@ -22,8 +22,8 @@ from typing import Optional
 
 import torch
 
-from common import (allow_recompiles, device_name, dump_json, fmt, is_oom, markdown_table,  # noqa: I100
-                    matmul_peak_tflops, release, time_fn)
+from common import (allow_recompiles, bench_device, csv_list, device_name, dump_json, fmt,  # noqa: I100
+                    is_oom, markdown_table, matmul_peak_tflops, release, time_fn)
 from dualforce_mega.config import Config, model_preset
 from dualforce_mega.diffusion.objective import DiffusionForcingObjective
 from dualforce_mega.flops import forward_flops
@@ -281,8 +281,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         args.preset, args.frames, args.latent = "tiny", 3, 8
         args.warmup, args.iters, args.max_seconds, args.peak_n = 0, 1, 0.0, 256
         args.search_max_frames, args.search_tolerance = 6, 1
-    args.phases = [int(x) for x in str(args.phases).split(",") if x]
-    args.precisions = [x for x in str(args.precisions).split(",") if x]
+    args.phases, args.precisions = csv_list(args.phases, int), csv_list(args.precisions)
     for prec in args.precisions:
         if prec not in ("bf16", "fp8"):
             raise SystemExit(f"--precisions: {prec!r} is not bf16 or fp8")
@@ -292,8 +291,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[list[str]] = None) -> None:
     logging.basicConfig(level=logging.WARNING)
     args = parse_args(argv)
-    device = torch.device("cpu" if args.cpu_smoke or not torch.cuda.is_available() else "cuda")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    device, dtype = bench_device(args.cpu_smoke)
     if device.type == "cuda":
         allow_recompiles(8)
     peak = matmul_peak_tflops(device, dtype, args.peak_n, args.warmup, args.iters)

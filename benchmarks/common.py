@@ -122,6 +122,17 @@ def dump_json(path: Optional[str], payload: Any) -> None:
         Path(path).write_text(json.dumps(payload, indent=1, default=lambda o: asdict(o)))
 
 
+def csv_list(value: Any, cast: Callable[[str], Any] = str) -> list:
+    """``"8,32,128"`` (or an already-typed value) -> ``[8, 32, 128]`` with ``cast`` applied."""
+    return [cast(x) for x in str(value).split(",") if x]
+
+
+def bench_device(cpu_smoke: bool) -> tuple[torch.device, torch.dtype]:
+    """CUDA in bf16 when available (and not a CPU smoke run), else CPU in fp32."""
+    device = torch.device("cpu" if cpu_smoke or not torch.cuda.is_available() else "cuda")
+    return device, (torch.bfloat16 if device.type == "cuda" else torch.float32)
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         cap = torch.cuda.get_device_capability(device)

@@ -24,7 +24,7 @@ from typing import Callable, Optional
 
 import torch
 
-from common import allow_recompiles, dump_json, free_memory, markdown_table, release  # noqa: I100
+from common import allow_recompiles, csv_list, dump_json, free_memory, markdown_table, release  # noqa: I100
 from dualforce_mega.data.synthetic import make_synthetic_clip
 from dualforce_mega.models.attention import MaskSpec, _flex, _sdpa, block_attention
 from dualforce_mega.models.fp8 import FP8_DIM_MULTIPLE, _torchao_available, _te_available, convert_linears, \
@@ -291,8 +291,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         args.frames, args.sp, args.backward_max_frames = "2,3", "1,2", 3
         args.preset, args.train_frames, args.latent = "tiny", 3, 8
         args.fp8_dim, args.fp8_hidden, args.fp8_tokens, args.loss_steps = 32, 64, 33, 4
-    args.frames = [int(x) for x in str(args.frames).split(",") if x]
-    args.sp = [int(x) for x in str(args.sp).split(",") if x]
+    args.frames, args.sp = csv_list(args.frames, int), csv_list(args.sp, int)
     if args.fp8_dim % FP8_DIM_MULTIPLE or args.fp8_hidden % FP8_DIM_MULTIPLE:
         raise SystemExit(f"--fp8-dim/--fp8-hidden must be multiples of {FP8_DIM_MULTIPLE}")
     return args
