@@ -105,19 +105,6 @@ def read_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
     return dict(iter_tensors(path))
 
 
-def tensor_shapes(path: PathLike) -> dict[str, tuple[tuple[int, ...], str]]:
-    """name -> (shape, safetensors dtype string) without reading any tensor data."""
-    files = weight_files(path)
-    out: dict[str, tuple[tuple[int, ...], str]] = {}
-    for fname in sorted(set(files.values())):
-        with safe_open(str(fname), framework="pt") as f:
-            for k in f.keys():
-                if files.get(k) == fname:
-                    sl = f.get_slice(k)
-                    out[k] = (tuple(sl.get_shape()), sl.get_dtype())
-    return out
-
-
 # --------------------------------------------------------------------------------------
 # bundle
 # --------------------------------------------------------------------------------------

@@ -187,7 +187,3 @@ class DualForceModel(nn.Module):
         feats = tower.audio_projector(audio.to(tower.audio_projector[0].weight.dtype))
         index, valid = audio_window_index(self.cfg, stream, audio.shape[1])
         return AudioContext(feats, index, valid, stream.audio_groups)
-
-    def layout(self, frame_ids: torch.Tensor, grid_hw: tuple[int, int], with_struct: bool,
-               window_blocks: int = 0) -> Layout:
-        return build_layout(self.cfg, frame_ids, grid_hw, with_struct, window_blocks, torch.device("cpu"))

@@ -145,12 +145,6 @@ class TokenGroups:
         return TokenGroups(self.group[idx], self.num_groups, None)
 
 
-def zero_module(m: nn.Module) -> nn.Module:
-    for p in m.parameters():
-        nn.init.zeros_(p)
-    return m
-
-
 def init_linear(m: nn.Module) -> None:
     """Xavier-uniform weights, zero biases — Wan's initialisation for its linears."""
     for mod in m.modules():

@@ -117,13 +117,14 @@ def shard_video(layout: Layout, rank: int, size: int) -> Layout:
         return torch.cat([t, t.new_zeros((pad,) + t.shape[1:])])[start:start + length]
 
     full_blocks = torch.cat([v.blocks, v.blocks.new_full((pad,), PAD_BLOCK)])
+    groups = v.groups.narrow(start, length)
     video = StreamLayout(
         blocks=full_blocks[start:start + length],
-        groups=v.groups.narrow(start, length),
+        groups=groups,
         angles=rows(v.angles),
         bridge_angles=rows(v.bridge_angles),
         audio_spans=v.audio_spans,
-        audio_groups=v.audio_groups.narrow(start, length),
+        audio_groups=groups if v.audio_groups is v.groups else v.audio_groups.narrow(start, length),
         key=v.key + ("sp", rank, size),
     )
     return Layout(layout.frame_ids, video, layout.struct, layout.window, layout.sink, shard=shard,
@@ -142,13 +143,14 @@ def build_layout(cfg: ModelConfig, frame_ids: torch.Tensor, grid_hw: tuple[int, 
     spans = latent_frame_spans(ids, cfg.vae_temporal_stride)
     id_key = tuple(frame_ids.tolist())
 
+    frames = TokenGroups.uniform(f, hw, device)  # one group per latent frame, for sigma and audio alike
     video = StreamLayout(
         blocks=latent_block.repeat_interleave(hw),
-        groups=TokenGroups.uniform(f, hw, device),
+        groups=frames,
         angles=rope_angles(video_positions(ids, h, w), video_axis_dims(hd), cfg.rope_theta),
         bridge_angles=rope_angles(ids.repeat_interleave(hw), (hd,), cfg.rope_theta),
         audio_spans=spans,
-        audio_groups=TokenGroups.uniform(f, hw, device),
+        audio_groups=frames,
         key=("v", id_key, hw, cbs),
     )
     struct = None
