@@ -3,12 +3,10 @@
     python -m dualforce_mega.smoke [--preset tiny] [--steps 1] [--set model.key=value ...]
 
 Builds the model from the config (both towers, bridge, audio, text when ``model.text_dim`` > 0),
-draws one random batch in the shapes of docs/INTERFACES.md, and runs optimizer steps with a loss
-that touches every output: flow-matching velocity MSE on both streams, FLAME MSE and a per-frame
-audio/struct contrastive term on the aux heads. It checks the model end to end; the training
-objective with its weights and sigma sampling is the trainer's, not this. It fails (non-zero exit) if a loss or gradient is not finite or if a
-trainable parameter receives no gradient. ``run.sh`` falls back to this when the launch script is
-absent; it needs no data and no weights.
+draws one random batch in the shapes of docs/INTERFACES.md, and runs optimizer steps with the
+training objective (``DiffusionForcingObjective``: every weighted loss, per-block sigma). It fails
+(non-zero exit) if a loss or gradient is not finite or if a trainable parameter receives no gradient.
+``run.sh`` falls back to this when the launch script is absent; it needs no data and no weights.
 """
 from __future__ import annotations
 
@@ -22,7 +20,8 @@ from typing import Optional
 import torch
 
 from .config import Config, ConfigError, add_config_arguments, config_from_args
-from .diffusion.flow import add_noise, velocity_target
+from .diffusion.noise import sample_seeds
+from .diffusion.objective import DiffusionForcingObjective
 from .summary import count_parameters
 
 log = logging.getLogger("dualforce_mega.smoke")
@@ -46,53 +45,13 @@ def random_batch(cfg: Config, batch: int, frames: int, height: int, width: int, 
     return out
 
 
-def _velocity_mse(pred: torch.Tensor, target: torch.Tensor, frame_weight: torch.Tensor) -> torch.Tensor:
-    """Mean squared error over the frames with weight 1 (frame axis is dim 1 of frame_weight's layout)."""
-    err = (pred.float() - target.float()).pow(2)
-    return (err * frame_weight).sum() / (frame_weight.expand_as(err).sum()).clamp_min(1.0)
-
-
-def _frame_contrastive(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of matching frame t of ``a`` [B, F, D] with frame t of ``b`` among all B*F frames."""
-    a = torch.nn.functional.normalize(a.flatten(0, 1).float(), dim=-1)
-    b = torch.nn.functional.normalize(b.flatten(0, 1).float(), dim=-1)
-    logits = a @ b.t()
-    return torch.nn.functional.cross_entropy(logits, torch.arange(logits.shape[0], device=logits.device))
-
-
-def smoke_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: dict[str, torch.Tensor],
-               generator: torch.Generator) -> dict[str, float]:
-    """One Diffusion-Forcing style step: per-frame sigma (frame 0 clean), velocity MSE, backward, step."""
-    m = model.cfg
-    x0v, x0s = data["video_latent"], data["struct"]
-    b, _, f = x0v.shape[:3]
-    dev = x0v.device
-    sigma = torch.rand(b, f, generator=generator).to(dev)
-    sigma[:, 0] = 0.0                                      # the reference frame is clean and not scored
-    eps_v = torch.randn(x0v.shape, generator=generator).to(dev)
-    eps_s = torch.randn(x0s.shape, generator=generator).to(dev)
-    sig_v = sigma[:, None, :, None, None]
-    # struct token j belongs to latent frame 0 (j = 0) or 1 + (j - 1) // stride
-    tok = torch.arange(x0s.shape[1], device=dev)
-    frame_of_tok = torch.where(tok == 0, 0, 1 + (tok - 1) // m.vae_temporal_stride)
-    sig_s = sigma[:, frame_of_tok, None]
-    out = model(add_noise(x0v, eps_v, sig_v), sigma, struct=add_noise(x0s, eps_s, sig_s), sigma_struct=sigma,
-                kp_canonical=data["kp_canonical"], audio=data["audio"], text_emb=data.get("text_emb"),
-                return_aux=True)
-    scored_v = (sig_v > 0).float()
-    scored_s = (sig_s > 0).float()
-    loss_video = _velocity_mse(out.video, velocity_target(x0v, eps_v), scored_v)
-    loss = loss_video
-    metrics = {"loss_video": loss_video.item()}
-    if out.struct is not None:
-        loss_struct = _velocity_mse(out.struct, velocity_target(x0s, eps_s), scored_s)
-        loss = loss + loss_struct
-        metrics["loss_struct"] = loss_struct.item()
-        loss_flame = (out.flame.float() - data["flame"].float()).pow(2).mean()
-        loss_lipsync = _frame_contrastive(out.lip_struct, out.lip_audio)
-        loss = loss + loss_flame + loss_lipsync
-        metrics.update(loss_flame=loss_flame.item(), loss_lipsync=loss_lipsync.item())
-    metrics["loss"] = loss.item()
+def smoke_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, objective: DiffusionForcingObjective,
+               data: dict[str, torch.Tensor], seeds: torch.Tensor) -> dict[str, float]:
+    """One training step with the real objective (per-block sigma, frame 0 clean, every weighted loss),
+    then checks that every trainable parameter got a finite gradient."""
+    inputs, targets = objective.prepare(data, seeds)
+    out = model(**inputs, return_aux=True)
+    loss, metrics = objective.losses(out, targets.to(data["video_latent"].device))
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grad_sq = 0.0
@@ -128,10 +87,12 @@ def run(cfg: Config, steps: int, batch: int, frames: int, height: int, width: in
                                   eps=cfg.train.adam_eps, weight_decay=cfg.train.weight_decay)
     gen = torch.Generator().manual_seed(cfg.train.seed)
     data = random_batch(cfg, batch, frames, height, width, text_tokens, gen, device)
+    objective = DiffusionForcingObjective(cfg)
     history = []
     for step in range(steps):
         t0 = time.perf_counter()
-        metrics = smoke_step(model, optimizer, data, gen)
+        seeds = sample_seeds(cfg.train.seed, step, torch.arange(batch))
+        metrics = smoke_step(model, optimizer, objective, data, seeds)
         metrics["step_s"] = time.perf_counter() - t0
         history.append(metrics)
         log.info("step %d/%d: %s", step + 1, steps, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
