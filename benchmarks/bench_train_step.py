@@ -23,13 +23,14 @@ from typing import Optional
 import torch
 
 from common import (allow_recompiles, bench_device, csv_list, device_name, dump_json, fmt,  # noqa: I100
-                    is_oom, markdown_table, matmul_peak_tflops, release, time_fn)
+                    is_oom, markdown_table, release, time_fn)
 from dualforce_mega.config import Config, model_preset
 from dualforce_mega.diffusion.objective import DiffusionForcingObjective
 from dualforce_mega.flops import forward_flops
 from dualforce_mega.models import DualForceModel
 from dualforce_mega.models.fp8 import FP8State, apply_fp8, fp8_autocast
 from dualforce_mega.models.layout import num_video_frames
+from dualforce_mega.training.monitor import measure_peak_flops
 from dualforce_mega.training.phase import apply_phase
 
 log = logging.getLogger("bench_train_step")
@@ -294,7 +295,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     device, dtype = bench_device(args.cpu_smoke)
     if device.type == "cuda":
         allow_recompiles(8)
-    peak = matmul_peak_tflops(device, dtype, args.peak_n, args.warmup, args.iters)
+    peak = measure_peak_flops(device, dtype, size=args.peak_n, iters=args.iters, warmup=args.warmup) / 1e12
     dt = DTYPE_LABEL[dtype]
     print(f"# training step — {device_name(device)}; preset {args.preset}, batch {args.batch}, "
           f"{args.frames} latent frames {args.latent}x{args.latent}, params {dt}, "

@@ -147,12 +147,3 @@ def allow_recompiles(n_shapes: int) -> None:
     key = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
     # forward and backward graphs per shape, with slack for the masks' variants
     setattr(dynamo_config, key, max(getattr(dynamo_config, key), 4 * n_shapes))
-
-
-def matmul_peak_tflops(device: torch.device, dtype: torch.dtype, n: int, warmup: int, iters: int) -> float:
-    """Measured dense matmul throughput (n x n x n), the MFU denominator."""
-    gen = torch.Generator(device=device).manual_seed(0)
-    a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
-    b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
-    ms = time_fn(lambda: torch.mm(a, b), device, warmup, iters).median_ms
-    return 2.0 * n ** 3 / (ms * 1e-3) / 1e12

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import statistics
 import time
 from typing import Any, Optional
 
@@ -61,19 +62,28 @@ class GpuMonitor:
             return {}
 
 
-def measure_peak_flops(device: torch.device, dtype: torch.dtype, size: int = 8192, iters: int = 10) -> float:
-    """Achievable dense matmul FLOP/s on this GPU in the training dtype (the MFU denominator)."""
+def measure_peak_flops(device: torch.device, dtype: torch.dtype, size: int = 8192, iters: int = 10,
+                       warmup: int = 1) -> float:
+    """Achievable dense matmul FLOP/s in the training dtype (the MFU denominator): median of ``iters``
+    timed ``size``^3 matmuls after ``warmup`` untimed ones (cuBLAS heuristics)."""
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
-    torch.matmul(a, b)  # warm up cuBLAS heuristics
-    torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    for _ in range(iters):
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(warmup):
         torch.matmul(a, b)
-    torch.cuda.synchronize(device)
-    elapsed = time.perf_counter() - start
+    times = []
+    for _ in range(max(1, iters)):
+        sync()
+        start = time.perf_counter()
+        torch.matmul(a, b)
+        sync()
+        times.append(time.perf_counter() - start)
     del a, b
-    return 2.0 * size ** 3 * iters / elapsed
+    return 2.0 * size ** 3 / statistics.median(times)
 
 
 def mfu(flops_per_sample: Optional[float], samples: int, step_time_s: float, world_size: int,
