@@ -18,11 +18,11 @@ from tqdm import tqdm
 from dualforce_mega.config import Config, build_config
 from dualforce_mega.diffusion.ar_schedule import plan_chunks
 from dualforce_mega.diffusion.sampler import ARSampler, SampleInputs, num_latent_frames
+from dualforce_mega.encoders import AUDIO_SAMPLE_RATE, SpeechEncoder, WanVAE, tiny_audio_encoder, tiny_vae
 from dualforce_mega.models.dualforce import DualForceModel
 from dualforce_mega.models.layout import num_video_frames
 
 from .batch import Job
-from .encoders import AUDIO_SAMPLE_RATE, SpeechEncoder, WanVAE, tiny_audio_encoder, tiny_vae
 from .media import Mp4Writer, fit_length, load_audio, load_image, to_uint8_frames
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from eval.batch import parse_batch
-from eval.encoders import SpeechEncoder, WanVAE, tiny_audio_encoder, tiny_vae
+from dualforce_mega.encoders import SpeechEncoder, WanVAE, tiny_audio_encoder, tiny_vae
 from eval.generate import main
 from eval.media import load_audio
 
