@@ -11,6 +11,9 @@
 # 3. With nvidia-smi: requirements-gpu.txt (transformer-engine, flash-attn) with
 #    --no-build-isolation; a failure is a warning, not an error (the code has fallbacks).
 #    SKIP_GPU_EXTRAS=1 skips this step.
+# 4. Debian tools the data pipeline and its tests call (ffmpeg, espeak-ng), via apt-get only when a
+#    command is missing and apt-get exists; a failure is a warning (the tests that need them skip).
+#    SKIP_APT=1 skips this step.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -93,6 +96,23 @@ if has_gpu && [[ "${SKIP_GPU_EXTRAS:-0}" != 1 ]]; then
             say "WARNING: GPU extras failed to install; continuing with torch.nn.Linear (no FP8) and" \
                 "the sdpa/flex attention backends. Retry by hand: pip install --no-build-isolation" \
                 "-r requirements-gpu.txt"
+        fi
+    fi
+fi
+
+# --- 4. Debian tools ---------------------------------------------------------------------------
+if [[ "${SKIP_APT:-0}" != 1 ]]; then
+    missing=()
+    for tool in ffmpeg espeak-ng; do command -v "$tool" >/dev/null 2>&1 || missing+=("$tool"); done
+    if (( ${#missing[@]} )); then
+        if command -v apt-get >/dev/null 2>&1; then
+            say "installing ${missing[*]} with apt-get"
+            if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"; } \
+                    >/dev/null 2>&1; then
+                say "WARNING: apt-get could not install ${missing[*]}; the data pipeline tests that need them skip"
+            fi
+        else
+            say "WARNING: ${missing[*]} missing and no apt-get; install them to use data_tools.prepare"
         fi
     fi
 fi

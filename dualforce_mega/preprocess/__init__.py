@@ -1,0 +1,2 @@
+"""Library side of ``data_tools``: video io, face detection / tracking / crop, quality scores,
+feature extraction and shard building for raw talking-head (and generic) video."""
