@@ -65,12 +65,19 @@ class MetaSpec:
 
 TENSOR_FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("video_latent", ("C", "F", "h", "w"), (torch.bfloat16,), True, "VAE latents"),
-    FieldSpec("struct", ("N", "M"), (torch.float32,), True, "LivePortrait motion per video frame"),
-    FieldSpec("kp_canonical", ("K",), (torch.float32,), True, "canonical 3D keypoints"),
-    FieldSpec("audio", ("A", "Da"), (torch.float32,), True, "audio features at audio_rate Hz"),
-    FieldSpec("flame", ("N", "Q"), (torch.float32,), True, "FLAME expression/jaw/pose per video frame"),
+    # talking-head fields: all three or none (video-only clips for Phase 2 have none)
+    FieldSpec("struct", ("N", "M"), (torch.float32,), False, "LivePortrait motion per video frame"),
+    FieldSpec("kp_canonical", ("K",), (torch.float32,), False, "canonical 3D keypoints"),
+    FieldSpec("audio", ("A", "Da"), (torch.float32,), False, "audio features at audio_rate Hz"),
+    # absent = no FLAME for this clip (meta has_flame false): L_flame skips it, never fake zeros
+    FieldSpec("flame", ("N", "Q"), (torch.float32,), False, "FLAME expression/jaw/pose per video frame"),
     FieldSpec("text_emb", ("L", "Dt"), (torch.bfloat16, torch.float32), False, "text encoder states"),
+    # single-image VAE encodings of video frame stride*t0 at the allowed window starts t0 (both or neither)
+    FieldSpec("ref_latent", ("R", "C", "h", "w"), (torch.bfloat16,), False, "reference images' latents"),
+    FieldSpec("ref_positions", ("R",), (torch.int64,), False, "latent frame t0 of each ref_latent"),
 )
+TALKING_HEAD_FIELDS = ("struct", "kp_canonical", "audio")
+REF_FIELDS = ("ref_latent", "ref_positions")
 META_FIELDS: tuple[MetaSpec, ...] = (
     MetaSpec("fps", (int,), "video frame rate; must equal model.fps"),
     MetaSpec("num_latent_frames", (int,), "F"),
@@ -147,6 +154,13 @@ class ShardSchema:
             if len(shape) != len(spec.dims):
                 fail(spec.name, f"shape {list(shape)} must have {len(spec.dims)} dims {list(spec.dims)}")
 
+        for group in (TALKING_HEAD_FIELDS, REF_FIELDS):
+            have = [n for n in group if n in layout]
+            if have and len(have) != len(group):
+                fail(next(n for n in group if n not in layout), f"missing (fields {list(group)} come together)")
+        if "flame" in layout and "struct" not in layout:
+            fail("flame", "present without the talking-head fields")
+
         shape = {name: tuple(layout[name][1]) for name in layout}
         F = shape["video_latent"][1]
         if F < 1:
@@ -162,6 +176,10 @@ class ShardSchema:
                 if sym == "L":
                     if got < 1:
                         fail(spec.name, "text_emb needs at least one token")
+                    continue
+                if sym == "R":
+                    if got < 1 or got != shape["ref_positions"][0]:
+                        fail(spec.name, f"{got} reference latents, ref_positions has {shape['ref_positions'][0]}")
                     continue
                 if sym == "Dt" and sizes["Dt"] == 0:
                     continue  # model has no text branch; the loader drops text_emb
@@ -212,6 +230,9 @@ class ShardSchema:
         for name, t in tensors.items():
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 raise SchemaError(shard, key, name, "contains NaN or Inf")
+        pos = tensors.get("ref_positions")
+        if pos is not None and (bool((pos < 0).any()) or bool((pos >= F).any())):
+            raise SchemaError(shard, key, "ref_positions", f"{pos.tolist()} outside latent frames [0, {F})")
         return F
 
 

@@ -92,7 +92,8 @@ def inspect(raw: dict[str, Any], schema: ShardSchema, spec: StreamSpec, rep: Rep
         return None
     h, w = layout["video_latent"][1][2:]
     text = layout["text_emb"][1][0] if spec.keep_text and "text_emb" in layout else None
-    return Item(key, url, blob, frames, (h, w, text))
+    # video-only and talking-head clips never share a batch (their field sets differ)
+    return Item(key, url, blob, frames, (h, w, text, "struct" in layout))
 
 
 def shuffled(items: Iterator[Item], bufsize: int, rng: random.Random) -> Iterator[Item]:

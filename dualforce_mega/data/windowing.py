@@ -46,13 +46,15 @@ def slice_window(tensors: dict[str, torch.Tensor], t0: int, window: int, schema:
                  keep_text: bool) -> dict[str, torch.Tensor]:
     """Cut one window out of a full clip; every tensor comes back float32 and contiguous."""
     s = window_slices(t0, window, schema)
-    out = {
-        "video_latent": tensors["video_latent"][:, s.latent],
-        "struct": tensors["struct"][s.video_frames],
-        "kp_canonical": tensors["kp_canonical"],
-        "audio": tensors["audio"][s.audio],
-        "flame": tensors["flame"][s.video_frames],
-    }
+    out = {"video_latent": tensors["video_latent"][:, s.latent]}
+    if "struct" in tensors:      # talking-head clip (video-only clips carry the video stream alone)
+        out.update(struct=tensors["struct"][s.video_frames], kp_canonical=tensors["kp_canonical"],
+                   audio=tensors["audio"][s.audio])
+        # a clip without FLAME stacks with the others as zeros that flame_valid = 0 masks out of L_flame
+        has_flame = "flame" in tensors
+        out["flame"] = tensors["flame"][s.video_frames] if has_flame else \
+            torch.zeros(out["struct"].shape[0], schema.dims["Q"])
+        out["flame_valid"] = torch.tensor(float(has_flame))
     if keep_text and "text_emb" in tensors:
         out["text_emb"] = tensors["text_emb"]
     return {k: v.to(torch.float32).contiguous() for k, v in out.items()}

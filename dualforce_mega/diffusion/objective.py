@@ -36,6 +36,7 @@ class Targets:
     struct: Optional[torch.Tensor] = None        # [B, N, motion_dim] velocity target
     struct_valid: Optional[torch.Tensor] = None  # [N] bool: video frames in the loss
     flame: Optional[torch.Tensor] = None         # [B, N, flame_dim] ground truth
+    flame_valid: Optional[torch.Tensor] = None   # [B] 1 where the clip has FLAME, 0 where it has none
 
     def to(self, device: Any) -> "Targets":
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -122,6 +123,7 @@ class DiffusionForcingObjective:
             targets.struct_valid = frame_valid[frame_of_token]
             if self.weights["flame"] > 0:
                 targets.flame = _require_key(batch, "flame", "diffusion.loss_flame > 0")
+                targets.flame_valid = batch.get("flame_valid")
         if self.use_audio:
             inputs["audio"] = _require_key(batch, "audio", "train.phase=4 with model.audio=true")
         return inputs, targets
@@ -139,6 +141,8 @@ class DiffusionForcingObjective:
             terms["struct"] = mean_from_sum_count(*masked_mse_sum_count(out.struct, targets.struct, valid))
         if w["flame"] > 0 and out.flame is not None and targets.flame is not None:
             valid = targets.struct_valid[None, :, None]
+            if targets.flame_valid is not None:   # clips without FLAME (has_flame false) are skipped
+                valid = valid & (targets.flame_valid.to(valid.device)[:, None, None] > 0)
             terms["flame"] = mean_from_sum_count(*masked_mse_sum_count(out.flame, targets.flame, valid))
         lip_a, lip_s = getattr(out, "lip_audio", None), getattr(out, "lip_struct", None)
         if w["lipsync"] > 0 and lip_a is not None and lip_s is not None:

@@ -43,6 +43,13 @@ class WanVAE:
         z = self.vae.encode(x).latent_dist.mode().float()
         return ((z - self.mean.to(z.device)) / self.std.to(z.device))[:, :, 0]
 
+    @torch.no_grad()
+    def encode_video(self, video: torch.Tensor) -> torch.Tensor:
+        """video [B, 3, T, H, W] in [-1, 1], T = 1 + 4k -> normalised latent [B, z_dim, 1 + k, H/s, W/s]
+        (posterior mode; the first latent frame holds video frame 0 alone)."""
+        z = self.vae.encode(video.to(self.device, self.dtype)).latent_dist.mode().float()
+        return (z - self.mean.to(z.device)) / self.std.to(z.device)
+
     def decoder(self) -> "StreamingDecoder":
         return StreamingDecoder(self)
 
