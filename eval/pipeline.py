@@ -23,7 +23,7 @@ from dualforce_mega.models.dualforce import DualForceModel
 from dualforce_mega.models.layout import num_video_frames
 
 from .batch import Job
-from .media import Mp4Writer, fit_length, load_audio, load_image, to_uint8_frames
+from dualforce_mega.media import Mp4Writer, fit_length, load_audio, load_image, to_uint8_frames
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from eval.batch import parse_batch
 from dualforce_mega.encoders import SpeechEncoder, WanVAE, tiny_audio_encoder, tiny_vae
 from eval.generate import main
-from eval.media import load_audio
+from dualforce_mega.media import load_audio
 
 FPS = 25
 AAC_FRAME = 1024  # samples per AAC frame: the encoder pads the last one

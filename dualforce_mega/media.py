@@ -1,4 +1,4 @@
-"""Media I/O for generation: reference image, speech audio, and a streaming mp4 writer.
+"""Media I/O: reference image, speech audio, and a streaming mp4 writer (used by eval.generate and the baselines).
 
 The writer muxes video (H.264 via libx264, else MPEG-4 Part 2) and audio (AAC) incrementally:
 each batch of frames written is followed by the audio samples up to the same time, so nothing
