@@ -8,6 +8,7 @@ Crops must be aligned to the ArcFace 5-point template (``ARCFACE_TEMPLATE``, 112
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Union
 
@@ -86,7 +87,9 @@ def write_tiny_arcface(path: Union[str, Path], width: int = 8, dim: int = EMBED_
     path = Path(path)
     torch.manual_seed(seed)
     net = _TinyArcFace(width, dim).eval()
-    torch.onnx.export(net, torch.zeros(1, 3, INPUT_SIZE, INPUT_SIZE), str(path), dynamo=False,
-                      input_names=["input.1"], output_names=["embedding"],
-                      dynamic_axes={"input.1": {0: "batch"}, "embedding": {0: "batch"}})
+    with warnings.catch_warnings():  # insightface models are ONNX; the legacy exporter needs no onnxscript
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(net, torch.zeros(1, 3, INPUT_SIZE, INPUT_SIZE), str(path), dynamo=False,
+                          input_names=["input.1"], output_names=["embedding"],
+                          dynamic_axes={"input.1": {0: "batch"}, "embedding": {0: "batch"}})
     return path

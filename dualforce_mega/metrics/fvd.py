@@ -11,6 +11,7 @@ protocol for generated videos) or every non-overlapping clip (``0``).
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Callable, Union
 
@@ -30,7 +31,9 @@ BACKBONES = ("i3d", "r3d18")
 
 def load_i3d(path: Union[str, Path], device: torch.device) -> torch.jit.ScriptModule:
     try:
-        return torch.jit.load(str(path), map_location=device).eval()
+        with warnings.catch_warnings():  # stylegan-v ships TorchScript; there is no other format
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return torch.jit.load(str(path), map_location=device).eval()
     except Exception as e:  # noqa: BLE001
         raise WeightFileError(f"{path}: not a TorchScript I3D file ({type(e).__name__}: {e})") from e
 
@@ -42,6 +45,7 @@ class TinyI3D(nn.Module):
         super().__init__()
         self.conv = nn.Conv3d(3, width, kernel_size=3, stride=2, padding=1)
         self.fc = nn.Linear(width, I3D_FEATURE_DIM)
+        self.size = I3D_SIZE
 
     def forward(self, x: torch.Tensor, rescale: bool = False, resize: bool = False,
                 return_features: bool = False) -> torch.Tensor:
@@ -49,13 +53,15 @@ class TinyI3D(nn.Module):
         if rescale:
             x = x / 255.0 * 2.0 - 1.0
         if resize:
-            x = F.interpolate(x, size=(x.shape[2], I3D_SIZE, I3D_SIZE), mode="trilinear", align_corners=False)
+            x = F.interpolate(x, size=(x.shape[2], self.size, self.size), mode="trilinear", align_corners=False)
         feats = self.fc(F.adaptive_avg_pool3d(torch.relu(self.conv(x)), 1).flatten(1))
         return feats if return_features else torch.softmax(feats, dim=1)
 
 
 def tiny_i3d() -> torch.jit.ScriptModule:
-    return torch.jit.script(TinyI3D().eval())
+    with warnings.catch_warnings():  # the reference network is TorchScript, so the stand-in is too
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return torch.jit.script(TinyI3D().eval())
 
 
 def video_clips(frames: np.ndarray, clips_per_video: int = 1, clip_frames: int = CLIP_FRAMES) -> np.ndarray:
