@@ -8,6 +8,9 @@
 #    Without nvidia-smi the CPU wheel index is tried first (TORCH_INDEX_URL overrides it).
 # 2. requirements.txt under a constraints file, written now, that pins the installed torch, so
 #    no dependency can replace it. Skipped in well under a second when everything is satisfied.
+# 2b. requirements-nodeps.txt with --no-deps: packages whose metadata pins conflict with ours but
+#    that work with what requirements.txt installs (mediapipe 0.10.21 pins numpy<2 and
+#    protobuf<5 and pulls jax; its face models run with numpy 2 and protobuf 6).
 # 3. With nvidia-smi: requirements-gpu.txt (transformer-engine, flash-attn) with
 #    --no-build-isolation; a failure is a warning, not an error (the code has fallbacks).
 #    SKIP_GPU_EXTRAS=1 skips this step.
@@ -84,6 +87,13 @@ if satisfied "$ROOT/requirements.txt"; then
 else
     say "installing requirements.txt (torch pinned to $TORCH_INSTALLED)"
     pip_install -r "$ROOT/requirements.txt" -c "$constraints"
+fi
+
+# --- 2b. --no-deps extras --------------------------------------------------------------------
+nodeps="$ROOT/requirements-nodeps.txt"
+if [[ -f "$nodeps" ]] && ! satisfied "$nodeps"; then
+    say "installing requirements-nodeps.txt without dependencies"
+    pip_install --no-deps -r "$nodeps"
 fi
 
 # --- 3. GPU extras ---------------------------------------------------------------------------

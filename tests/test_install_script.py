@@ -115,6 +115,17 @@ def test_gpu_extras_tried_and_failure_only_warns(sandbox) -> None:
     assert calls == []
 
 
+def test_nodeps_requirements_installed_without_dependencies(sandbox) -> None:
+    nodeps = sandbox.root / "requirements-nodeps.txt"
+    nodeps.write_text("surely-not-installed-nodeps-pkg==1.0\n")
+    proc, calls = sandbox("pyyaml>=5.0\n")
+    assert proc.returncode == 0, proc.stderr
+    assert calls == [f"pip install -q --no-deps -r {nodeps}"]
+    nodeps.write_text("pyyaml>=5.0\n")  # satisfied: nothing to do
+    _, calls = sandbox("pyyaml>=5.0\n")
+    assert calls == []
+
+
 def test_failed_requirements_install_fails_the_script(sandbox) -> None:
     proc, _ = sandbox("surely-not-installed-pkg-dualforce\n", SHIM_PIP_FAIL="requirements.txt")
     assert proc.returncode != 0
