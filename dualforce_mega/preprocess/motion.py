@@ -36,13 +36,13 @@ from tqdm import tqdm
 
 from ..encoders.liveportrait import (INPUT_SIZE, POINT_DIMS, SCALE_DIMS, TRANSLATION_DIMS,
                                      LivePortraitMotionExtractor, MotionExtractorConfig, bins_to_degrees)
+from .netutil import RANDOM_PRESETS, random_init, resolve_device
 
 log = logging.getLogger(__name__)
 
 ANGLE_DIMS = 3                       # pitch, yaw, roll
 EXTRA_DIMS = ANGLE_DIMS + TRANSLATION_DIMS + SCALE_DIMS
 LIVEPORTRAIT, MEDIAPIPE = "liveportrait", "mediapipe"
-RANDOM_PRESETS = ("tiny",)
 
 
 @dataclass
@@ -146,12 +146,6 @@ class LivePortraitMotion:
                             kp_canonical=kp.mean(dim=0).numpy().astype(np.float32), extractor=self.name)
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def build_motion_extractor(path: Optional[str], device: str = "auto", batch_size: int = 64,
                            progress: bool = False) -> MotionExtractorFn:
     """The step-04 extractor: LivePortrait from ``path``, else the MediaPipe FaceMesh fallback (real
@@ -173,5 +167,7 @@ def random_liveportrait(preset: str = "tiny", device: str = "auto") -> LivePortr
     if preset not in RANDOM_PRESETS:
         raise ValueError(f"random preset {preset!r} is not one of {RANDOM_PRESETS}")
     log.warning("motion: RANDOM tiny LivePortrait motion extractor (no weights) -- smoke tests only")
-    model = LivePortraitMotionExtractor(MotionExtractorConfig.tiny()).to(resolve_device(device))
+    with random_init():
+        model = LivePortraitMotionExtractor(MotionExtractorConfig.tiny())
+    model = model.to(resolve_device(device))
     return LivePortraitMotion(model, name=f"{LIVEPORTRAIT}-random-{preset}")
