@@ -53,7 +53,7 @@ class ModelConfig:
     timestep_scale: float = 1000.0   # sigma in [0,1] -> Wan timestep in [0,1000]
     eps: float = 1e-6
     rope_theta: float = 10000.0
-    attn_backend: str = "auto"       # auto | sdpa | flex | flash
+    attn_backend: str = "auto"       # auto | sdpa | flex | flash | merged
     qk_norm: bool = True
 
     @property
@@ -398,8 +398,8 @@ def validate_model(m: ModelConfig) -> None:
     _require(m.causal_block_size >= 1, "model.causal_block_size", "must be >= 1")
     _require(len(m.patch_size) == 3 and m.patch_size[0] == 1, "model.patch_size",
              f"{m.patch_size}: expected (1, ph, pw) — one latent frame per token row")
-    _require(m.attn_backend in ("auto", "sdpa", "flex", "flash"), "model.attn_backend",
-             f"{m.attn_backend!r} is not one of auto, sdpa, flex, flash")
+    _require(m.attn_backend in ("auto", "sdpa", "flex", "flash", "merged"), "model.attn_backend",
+             f"{m.attn_backend!r} is not one of auto, sdpa, flex, flash, merged")
     _require(m.audio_rate % m.fps == 0, "model.audio_rate",
              f"audio_rate={m.audio_rate} must be a multiple of model.fps={m.fps}")
     _require(m.audio_context >= 0, "model.audio_context", "must be >= 0")

@@ -53,7 +53,7 @@ def _assert_prefix_equal(cfg, a, b, t: int, atol: float) -> None:
 
 
 @pytest.mark.parametrize("block_size", [1, 3])
-@pytest.mark.parametrize("backend,atol", [("sdpa", 0.0), ("flash", 1e-6)])
+@pytest.mark.parametrize("backend,atol", [("sdpa", 0.0), ("flash", 1e-6), ("merged", 1e-6)])
 def test_block_causality_full_model(block_size: int, backend: str, atol: float) -> None:
     model = tiny_model(causal_block_size=block_size, audio_context=1)
     randomize_heads(model)

@@ -83,6 +83,9 @@ CASES = [
     ("unidirectional_bridge_all_pad_shard", dict(bridge="struct_to_video"), dict(frames=1, hw=(2, 2)), {}, False),
     # the prefix-attention backend (flash-attn's code path; torch SDPA on CPU) with padded shards
     ("flash_backend_cbs2", dict(attn_backend="flash", causal_block_size=2), dict(frames=3, hw=(2, 10)), {}, False),
+    # the merged backend (log-sum-exp of dense pieces) with padded shards and a window
+    ("merged_backend_window", dict(attn_backend="merged", causal_block_size=1), dict(frames=3, hw=(2, 10)),
+     dict(window_blocks=2), False),
 ]
 
 
@@ -139,7 +142,7 @@ def test_sp2_equals_sp1_outputs_and_gradients() -> None:
 def test_sp4_equals_sp1() -> None:
     """Four shards: two of them inside one latent frame, one all padding at the end."""
     _spawn(_equivalence_worker, [CASES[0], ("four_shards_tail_padding", dict(causal_block_size=2),
-                                             dict(frames=2, hw=(2, 6)), {}, False)], world=4)
+                                             dict(frames=2, hw=(2, 6)), {}, False), CASES[-1]], world=4)
 
 
 def test_heads_not_divisible_is_a_clear_error() -> None:

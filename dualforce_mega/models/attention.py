@@ -9,6 +9,11 @@ Backends
   flex   FlexAttention with a ``BlockMask`` built once per mask layout (cached).
   flash  per-query-block prefix attention: each query block attends, unmasked, to the contiguous
          key range it may see, through flash-attn when installed, else torch's fused SDPA kernels.
+  merged the allowed block pairs as a few batched unmasked calls (diagonal blocks, then each level
+         of a binary split), merged by log-sum-exp; exact, no masked work (``merged_attention``).
+
+``auto`` is chosen once per device: sdpa on CPU (fastest at test sizes), merged on CUDA (flex when no
+fused kernel that returns the log-sum-exp works there); a log line says which runs.
 """
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ log = logging.getLogger(__name__)
 
 # Block id given to padding tokens: larger than any real block, so no real query ever sees them.
 PAD_BLOCK = 1 << 30
-BACKENDS = ("sdpa", "flex", "flash")
+BACKENDS = ("sdpa", "flex", "flash", "merged")
 
 
 @dataclass
@@ -73,28 +78,30 @@ def _flex() -> Optional[tuple]:
     return compiled, create_block_mask
 
 
-_logged: set = set()
-
-
-def _log_once(msg: str) -> None:
-    if msg not in _logged:
-        _logged.add(msg)
-        log.info(msg)
-
-
-def resolve_backend(requested: str, device: torch.device, needs_grad: bool) -> str:
-    """``auto``: sdpa on CPU (FlexAttention has no CPU backward); flex on CUDA, else flash."""
+def resolve_backend(requested: str, q: torch.Tensor) -> str:
+    """``requested`` unless ``auto``: sdpa on CPU (FlexAttention has no CPU backward; the dense mask is
+    cheapest at test sizes), merged on CUDA, flex there if no merged piece kernel works."""
     if requested != "auto":
         if requested == "flex" and _flex() is None:
             raise RuntimeError("model.attn_backend=flex: torch.nn.attention.flex_attention is unavailable")
         return requested
+    return _auto_backend(q.device, q.dtype, q.shape[-1])
+
+
+@lru_cache(maxsize=None)
+def _auto_backend(device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
+    from .merged_attention import choose_kernel  # imports this module
+
     if device.type != "cuda":
         choice = "sdpa"
-    elif _flex() is not None:
-        choice = "flex"
     else:
-        choice = "flash"
-    _log_once(f"attention backend: {choice} (auto on {device.type}, grad={needs_grad})")
+        try:
+            choose_kernel(device, dtype, head_dim)
+            choice = "merged"
+        except RuntimeError as e:
+            log.warning("%s", e)
+            choice = "flex" if _flex() is not None else "flash"
+    log.info("attention backend: %s (auto on %s, %s)", choice, device.type, str(dtype).replace("torch.", ""))
     return choice
 
 
@@ -249,11 +256,18 @@ def flash_block_attention(q, k, v, spec: MaskSpec) -> torch.Tensor:
     return torch.cat(outs, dim=1)
 
 
-_IMPL = {"sdpa": sdpa_block_attention, "flex": flex_block_attention, "flash": flash_block_attention}
+def merged_attention(q, k, v, spec: MaskSpec) -> torch.Tensor:
+    from .merged_attention import merged_block_attention  # imports this module
+
+    return merged_block_attention(q, k, v, spec)
+
+
+_IMPL = {"sdpa": sdpa_block_attention, "flex": flex_block_attention, "flash": flash_block_attention,
+         "merged": merged_attention}
 
 
 def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: MaskSpec,
                     backend: str = "auto") -> torch.Tensor:
     """Block-causal attention, q/k/v [B, L, H, D] -> [B, Lq, H, D]."""
-    name = resolve_backend(backend, q.device, q.requires_grad or k.requires_grad)
+    name = resolve_backend(backend, q)
     return _IMPL[name](q, k, v, spec)

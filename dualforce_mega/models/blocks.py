@@ -86,9 +86,9 @@ class Attention(nn.Module):
                 v = torch.cat([prev.v, v], dim=1)
                 spec = spec.with_prefix_keys(prev.blocks, ("cache", prev.k.shape[1]))
             # the key length changes every chunk: a compiled flex kernel would recompile each
-            # time, while per-block prefix calls need no mask at all
+            # time, while the merged backend's dense pieces need no mask and no compilation
             if backend == "auto":
-                backend = "flash"
+                backend = "merged"
         return block_attention(q, k, v, spec, backend)
 
 
