@@ -73,7 +73,7 @@ class Setup:
 
 
 def _backends(setup: Setup, backward: bool) -> list[str]:
-    names = ["flash"]
+    names = ["flash", "merged"]
     if _flex() is not None and (setup.device.type == "cuda" or not backward):
         names.append("flex")  # FlexAttention has no CPU backward
     return names
