@@ -25,7 +25,8 @@ def pipeline_spec(args: argparse.Namespace) -> PipelineSpec:
     flags = dict(sample_steps=args.steps, sample_shift=args.shift, chunk_blocks=args.chunk_blocks,
                  window_blocks=args.window_blocks, ar_step=args.ar_step, cfg_audio=args.cfg_audio)
     return PipelineSpec(bundle=args.bundle, random_preset=args.random_preset, vae=args.vae,
-                        audio_encoder=args.audio_encoder, audio_layer=args.audio_layer, device=args.device,
+                        audio_encoder=args.audio_encoder, audio_layer=args.audio_layer,
+                        motion_extractor=args.motion_extractor, device=args.device,
                         dtype=args.dtype, height=args.height, width=args.width,
                         diffusion={k: v for k, v in flags.items() if v is not None})
 
@@ -67,6 +68,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     model.add_argument("--audio-encoder", help="transformers HuBERT / wav2vec2 folder (default: BUNDLE/audio_encoder)")
     model.add_argument("--audio-layer", type=int, default=-1, help="hidden-state index of the audio encoder "
                                                                    "(-1 = last)")
+    model.add_argument("--motion-extractor", help="LivePortrait motion_extractor.pth, or 'mediapipe' (FaceMesh "
+                                                  "fallback): kp_canonical and the reference-frame motion from --ref "
+                                                  "(explicit --kp-canonical / --ref-motion win)")
     model.add_argument("--device", help="default: cuda when available")
     model.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
     samp = ap.add_argument_group("sampling (defaults: the config's diffusion section)")

@@ -21,6 +21,7 @@ from dualforce_mega.diffusion.sampler import ARSampler, SampleInputs, num_latent
 from dualforce_mega.encoders import AUDIO_SAMPLE_RATE, SpeechEncoder, WanVAE, tiny_audio_encoder, tiny_vae
 from dualforce_mega.models.dualforce import DualForceModel
 from dualforce_mega.models.layout import num_video_frames
+from dualforce_mega.preprocess.motion import MEDIAPIPE, MotionExtractorFn, build_motion_extractor, reference_motion
 
 from .batch import Job
 from dualforce_mega.media import Mp4Writer, fit_length, load_audio, load_image, to_uint8_frames
@@ -40,6 +41,8 @@ class PipelineSpec:
     vae: Optional[str] = None              # AutoencoderKLWan folder (default: BUNDLE/vae)
     audio_encoder: Optional[str] = None    # HuBERT / wav2vec2 folder (default: BUNDLE/audio_encoder)
     audio_layer: int = -1                  # hidden-state index of the audio encoder
+    motion_extractor: Optional[str] = None  # LivePortrait motion_extractor.pth or "mediapipe": kp_canonical
+                                            # and the reference-frame motion from the reference image
     device: Optional[str] = None           # default: cuda when available
     dtype: str = "auto"                    # auto (bf16 on cuda, fp32 on cpu) | fp32 | bf16 | fp16
     height: Optional[int] = None           # pixels; default data.latent_height * vae stride
@@ -55,6 +58,7 @@ class Pipeline:
     speech: SpeechEncoder
     height: int
     width: int
+    motion: Optional[MotionExtractorFn] = None
 
 
 @dataclass
@@ -110,7 +114,14 @@ def build_pipeline(spec: PipelineSpec) -> Pipeline:
     if height % (s * ph) or width % (s * pw):
         raise ValueError(f"height x width {height}x{width} must be multiples of {s * ph}x{s * pw} "
                          f"(VAE stride x patch size)")
-    return Pipeline(model, cfg, vae, speech, height, width)
+    motion = None
+    if spec.motion_extractor:
+        motion = build_motion_extractor(None if spec.motion_extractor == MEDIAPIPE else spec.motion_extractor,
+                                        device=str(device))
+        if (motion.layout.dim, motion.layout.kp_dim) != (cfg.model.motion_dim, cfg.model.kp_dim):
+            raise ValueError(f"motion extractor gives {motion.layout.dim}-d motion / {motion.layout.kp_dim}-d keypoints; "
+                             f"the model needs motion_dim={cfg.model.motion_dim}, kp_dim={cfg.model.kp_dim}")
+    return Pipeline(model, cfg, vae, speech, height, width, motion)
 
 
 def _bundle_part(bundle: str, sub: str, what: str) -> str:
@@ -145,7 +156,12 @@ def generate_one(pipe: Pipeline, job: Job, out: Path, opts: GenerateOptions) -> 
     n_covered = num_video_frames(n_latent, mcfg.vae_temporal_stride)  # >= frames
     covered = fit_length(wave, n_covered * AUDIO_SAMPLE_RATE // mcfg.fps)
     feats = pipe.speech.encode(covered, n_covered, mcfg.fps, mcfg.audio_rate // mcfg.fps)
-    reference = pipe.vae.encode_image(load_image(job.image, pipe.height, pipe.width)[None])
+    image = load_image(job.image, pipe.height, pipe.width)
+    reference = pipe.vae.encode_image(image[None])
+    if pipe.motion is not None and (opts.kp_canonical is None or opts.ref_motion is None):
+        ref_motion, kp = reference_motion(pipe.motion, to_uint8_frames(image[:, None])[0])
+        opts = replace(opts, kp_canonical=opts.kp_canonical if opts.kp_canonical is not None else torch.from_numpy(kp),
+                       ref_motion=opts.ref_motion if opts.ref_motion is not None else torch.from_numpy(ref_motion))
     inputs = SampleInputs(reference=reference, num_latent=n_latent, seeds=[opts.seed], audio=feats[None],
                           kp_canonical=_batched(opts.kp_canonical), ref_motion=_batched(opts.ref_motion),
                           text_emb=_batched(opts.text_emb))

@@ -171,3 +171,12 @@ def random_liveportrait(preset: str = "tiny", device: str = "auto") -> LivePortr
         model = LivePortraitMotionExtractor(MotionExtractorConfig.tiny())
     model = model.to(resolve_device(device))
     return LivePortraitMotion(model, name=f"{LIVEPORTRAIT}-random-{preset}")
+
+
+def reference_motion(extractor: MotionExtractorFn, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One uint8 RGB reference image [H, W, 3] -> (its motion [dim], canonical keypoints [kp_dim]):
+    the sampler's struct frame 0 and ``kp_canonical`` (generation starts from the reference image)."""
+    result = extractor(check_frames(np.asarray(image)[None]))
+    if result is None:
+        raise ValueError(f"{getattr(extractor, 'name', 'motion extractor')}: no face found in the reference image")
+    return result.struct[0], result.kp_canonical

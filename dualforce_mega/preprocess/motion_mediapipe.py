@@ -67,6 +67,7 @@ class MediaPipeMotion:
     """Step-04 extractor with the same call signature as ``LivePortraitMotion``."""
 
     name = MEDIAPIPE
+    layout = LAYOUT
 
     def __init__(self, progress: bool = False):
         self.progress = progress
