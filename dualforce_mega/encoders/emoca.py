@@ -28,6 +28,8 @@ from typing import Union
 import torch
 import torch.nn as nn
 
+from .weights import load_strict, read_state_dict
+
 log = logging.getLogger(__name__)
 
 INPUT_SIZE = 224
@@ -36,6 +38,9 @@ STEM_KERNEL, STEM_STRIDE, STEM_CHANNELS = 7, 2, 64
 POOL_KERNEL, POOL_STRIDE = 3, 2
 PREFIX = "deca."
 PARTS = ("E_flame", "E_expression")
+CKPT_HINT = ("a Lightning .ckpt pickles config objects: extract the tensors once in EMOCA's environment, "
+             "torch.save({k: v for k, v in torch.load(CKPT, map_location='cpu')['state_dict'].items() "
+             "if k.startswith(('deca.E_flame.', 'deca.E_expression.'))}, 'emoca_coarse.pt')")
 
 
 @dataclass(frozen=True)
@@ -169,8 +174,7 @@ class EmocaEncoder(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: Union[str, Path], cfg: EmocaConfig = EmocaConfig()) -> "EmocaEncoder":
-        path = Path(path)
-        state = _read_state(path)
+        state = read_state_dict(path, "EMOCA", hint=CKPT_HINT)
         parts = {k[len(PREFIX):]: v for k, v in state.items() if k.startswith(tuple(PREFIX + p + "." for p in PARTS))}
         if not parts:
             raise ValueError(f"{path}: no {PREFIX}E_flame.* / {PREFIX}E_expression.* entries (not an EMOCA state dict)")
@@ -192,34 +196,5 @@ class EmocaEncoder(nn.Module):
                 if k.startswith("encoder.") and twin is not None and not torch.equal(v, twin):
                     raise ValueError(f"{path}: deca_parallel checkpoint: E_expression.resnet.{k} differs from E_flame.{k}")
             parts = {k: v for k, v in parts.items() if not k.startswith("E_expression.resnet.")}
-        model = cls(cfg)
-        expected = model.state_dict()
-        missing = sorted(set(expected) - set(parts))
-        unexpected = sorted(set(parts) - set(expected))
-        wrong = [k for k, v in expected.items() if k in parts and parts[k].shape != v.shape]
-        if missing or unexpected or wrong:
-            raise ValueError(f"{path}: not EMOCA's encoder layout: missing {missing[:5]}, unexpected {unexpected[:5]}, "
-                             f"wrong shapes {wrong[:5]} (keys shown without the '{PREFIX}' prefix)")
-        model.load_state_dict(parts, strict=True)
-        return model.eval()
+        return load_strict(cls(cfg), parts, path, "EMOCA encoder", shown_prefix=PREFIX).eval()
 
-
-def _read_state(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: EMOCA weights not found")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        return load_file(str(path))
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - a pickled Lightning checkpoint lands here
-        raise ValueError(
-            f"{path}: not loadable with weights_only=True ({type(e).__name__}); a Lightning .ckpt pickles config "
-            f"objects. Extract the tensors once in EMOCA's environment: torch.save({{k: v for k, v in "
-            f"torch.load(CKPT, map_location='cpu')['state_dict'].items() if k.startswith(('deca.E_flame.', "
-            f"'deca.E_expression.'))}}, 'emoca_coarse.pt')") from None
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a state dict, found {type(obj).__name__}")
-    return obj

@@ -25,6 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .weights import load_strict, read_state_dict
+
 log = logging.getLogger(__name__)
 
 INPUT_SIZE = 256            # the extractor's input resolution (square)
@@ -148,36 +150,8 @@ class LivePortraitMotionExtractor(nn.Module):
                         ) -> "LivePortraitMotionExtractor":
         """Loads ``motion_extractor.pth`` (a plain state dict, read with ``weights_only=True``) or a
         ``.safetensors`` with the same keys; every key must match (strict)."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: LivePortrait motion extractor weights not found "
-                                    f"(motion_extractor.pth or .safetensors)")
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            state = load_file(str(path))
-        else:
-            try:
-                state = torch.load(str(path), map_location="cpu", weights_only=True)
-            except Exception as e:  # noqa: BLE001 - any unpickling refusal gets the same clear message
-                raise ValueError(f"{path}: not a plain tensor state dict loadable with weights_only=True "
-                                 f"({type(e).__name__}: {e})") from None
-        if not isinstance(state, dict):
-            raise ValueError(f"{path}: expected a state dict, found {type(state).__name__}")
-        model = cls(cfg)
-        expected = model.state_dict()
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        wrong = [f"{k} {list(state[k].shape)} (expected {list(v.shape)})" for k, v in expected.items()
-                 if k in state and tuple(state[k].shape) != tuple(v.shape)]
-        if missing or unexpected or wrong:
-            raise ValueError(f"{path}: not the LivePortrait motion extractor layout: missing keys {_few(missing)}, "
-                             f"unexpected keys {_few(unexpected)}, wrong shapes {_few(wrong)}")
-        model.load_state_dict(state, strict=True)
-        return model.eval()
-
-
-def _few(items: list[str], shown: int = 5) -> str:
-    return f"{items[:shown]}{' ...' if len(items) > shown else ''}"
+        state = read_state_dict(path, "LivePortrait motion extractor")
+        return load_strict(cls(cfg), state, path, "LivePortrait motion extractor").eval()
 
 
 def bins_to_degrees(logits: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,9 @@ Step API (called by ``data_tools.prepare`` and ``data_tools.extract_motion``)::
     result.missing_frames int: frames without a face, filled by interpolation (MediaPipe only)
 
 ``path`` is LivePortrait's ``motion_extractor.pth`` (or ``.safetensors``); without a path the
-MediaPipe FaceMesh fallback runs (offline, real motion, so ``--random-models`` does not replace it).
+MediaPipe FaceMesh fallback runs (offline, real motion). ``random_liveportrait("tiny")`` builds a
+tiny random LivePortrait extractor of the same class (smoke runs; logged loudly, named in
+``extractor``).
 
 Motion vector layout (``model.motion_dim`` = 3 * num_kp + 7 = 70), one row per video frame::
 
@@ -148,9 +150,7 @@ class LivePortraitMotion:
 
 def build_motion_extractor(path: Optional[str], device: str = "auto", batch_size: int = 64,
                            progress: bool = False) -> MotionExtractorFn:
-    """The step-04 extractor: LivePortrait from ``path``, else the MediaPipe FaceMesh fallback (real
-    motion offline, so ``--random-models`` never replaces it; :func:`random_liveportrait` builds the
-    tiny random LivePortrait for tests)."""
+    """The step-04 extractor: LivePortrait from ``path``, else the MediaPipe FaceMesh fallback."""
     if path:
         dev = resolve_device(device)
         model = LivePortraitMotionExtractor.from_pretrained(path).to(dev)
