@@ -11,6 +11,7 @@ import scipy.linalg
 import torch
 
 from dualforce_mega.metrics import crops, identity, lve, pose, sync
+from dualforce_mega.preprocess.face import centre_crop_box
 from dualforce_mega.metrics.frechet import feature_stats, frechet_distance, frechet_distance_features
 
 
@@ -163,16 +164,22 @@ def test_umeyama_recovers_a_similarity():
 def test_crop_warps_are_exact_on_identity_geometry():
     rng = np.random.default_rng(5)
     img = torch.from_numpy(rng.uniform(0, 255, size=(2, 3, 112, 112)))  # float64: exact up to rounding
-    full = crops.box_crops(img, crops.full_frame_boxes(2, 112, 112), 112)
+    full = crops.square_crops(img, np.stack([centre_crop_box((112, 112))] * 2), 112)
     torch.testing.assert_close(full, img, atol=1e-9, rtol=0)
     aligned = crops.align_five_points(img, np.stack([crops.ARCFACE_TEMPLATE] * 2))
     torch.testing.assert_close(aligned, img, atol=1e-9, rtol=0)
     # a box at an integer offset, same scale: exactly that sub-image
-    part = crops.box_crops(img, np.array([[56, 28, 112, 84]] * 2, float), 56)
+    part = crops.square_crops(img, np.array([[84, 56, 56]] * 2, float), 56)
     torch.testing.assert_close(part, img[:, :, 28:84, 56:112], atol=1e-9, rtol=0)
     # 2x upsampling of [0, 56)²: crop pixel 2n+1 sits at source n + 1/4 (pixel-centre convention)
-    up = crops.box_crops(img, np.array([[0, 0, 56, 56]] * 2, float), 112)
+    up = crops.square_crops(img, np.array([[28, 28, 56]] * 2, float), 112)
     src = img[:, :, :56, :56]
     rows = 0.75 * src[:, :, :-1, :] + 0.25 * src[:, :, 1:, :]
     expect = 0.75 * rows[..., :-1] + 0.25 * rows[..., 1:]
     torch.testing.assert_close(up[:, :, 1:-1:2, 1:-1:2], expect, atol=1e-9, rtol=0)
+
+
+def test_syncnet_squares_follow_crop_video():
+    # a 100x80 box at (200, 100): bs = 50, cs = 0.4 -> rows cy - bs .. cy + bs (1 + 2 cs), cols cx +- bs (1 + cs)
+    sq = crops.syncnet_squares(np.array([[150.0, 60.0, 250.0, 140.0]]))
+    np.testing.assert_allclose(sq, [[200.0, 100.0 + 0.4 * 50, 2 * 50 * 1.4]])

@@ -2,19 +2,26 @@
 
 Both crop kinds are similarity warps of whole frames sampled with ``grid_sample`` (bilinear), in the
 pixel-centre convention of ``cv2.warpAffine``:
-* ``box_crops``: a square box per frame -> size² (SyncNet 224², FID / FVD face crops);
+* ``square_crops``: a square (cx, cy, side) per frame -> size² (SyncNet 224², box-cropped ArcFace input);
 * ``align_five_points``: 5 landmarks per frame -> the ArcFace 112² template (insightface ``norm_crop``:
   least-squares similarity (Umeyama, as skimage ``SimilarityTransform.estimate``) from the landmarks to
   ``ARCFACE_TEMPLATE``).
-Boxes and landmarks come from the shared face module of the data pipeline.
+Face boxes come from the shared detector / tracker ``dualforce_mega.preprocess.face``, landmarks from
+FaceMesh (``dualforce_mega.preprocess.head_pose``).
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .arcface import ARCFACE_TEMPLATE, INPUT_SIZE
+from .syncnet import CROP_SIZE as SYNCNET_SIZE
+
+SYNCNET_CROP_SCALE = 0.4   # syncnet_python run_pipeline --crop_scale
+SYNCNET_SMOOTH = 13        # its median filter over the track's box sizes and centres (frames)
 
 # MediaPipe FaceMesh indices -> the 5 ArcFace points (image-left eye, image-right eye, nose tip,
 # image-left mouth corner, image-right mouth corner); an eye is the mean of its two corners.
@@ -58,27 +65,45 @@ def warp(frames: torch.Tensor, src_to_dst: np.ndarray, out_size: int) -> torch.T
     return F.grid_sample(frames, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
-def box_crops(frames: torch.Tensor, boxes: np.ndarray, size: int) -> torch.Tensor:
-    """boxes [T, 4] (x0, y0, x1, y1) pixels, made square around their centre -> [T, C, size, size]."""
-    boxes = np.asarray(boxes, np.float64)
-    side = np.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
-    cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
+def square_crops(frames: torch.Tensor, squares: np.ndarray, size: int) -> torch.Tensor:
+    """squares [T, 3] (centre x, centre y, side) pixels, the convention of ``preprocess.face`` ->
+    [T, C, size, size]; outside the frame is black."""
     mats = []
-    for x, y, s in zip(cx, cy, side):
-        k = size / s  # box edges (x - s/2 .. x + s/2) -> crop edges (0 .. size), pixel centres at +0.5
-        mats.append(np.array([[k, 0, size / 2 - k * x - 0.5 * (1 - k)], [0, k, size / 2 - k * y - 0.5 * (1 - k)],
-                              [0, 0, 1]]))
+    for cx, cy, side in np.asarray(squares, np.float64):
+        k = size / side  # square edges (cx - side/2 .. cx + side/2) -> crop edges (0 .. size)
+        shift = lambda c: size / 2 - k * c - 0.5 * (1 - k)  # noqa: E731 - pixel centres at +0.5
+        mats.append(np.array([[k, 0, shift(cx)], [0, k, shift(cy)], [0, 0, 1]]))
     return warp(frames, np.stack(mats), size)
 
 
-def full_frame_boxes(n: int, height: int, width: int) -> np.ndarray:
-    """The centred square of each frame (for videos that are already face crops)."""
-    side = min(height, width)
-    x0, y0 = (width - side) / 2, (height - side) / 2
-    return np.tile(np.array([[x0, y0, x0 + side, y0 + side]]), (n, 1))
+def syncnet_squares(boxes: np.ndarray, crop_scale: float = SYNCNET_CROP_SCALE) -> np.ndarray:
+    """Face boxes [T, 4] -> the squares syncnet_python's ``crop_video`` cuts: side (1 + cs) * max(w, h),
+    centre moved down by cs * max(w, h) / 2."""
+    b = np.asarray(boxes, np.float64)
+    half = np.maximum(b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]) / 2
+    cx, cy = (b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2 + crop_scale * half
+    return np.stack([cx, cy, 2 * half * (1 + crop_scale)], axis=1)
 
 
 def align_five_points(frames: torch.Tensor, points: np.ndarray) -> torch.Tensor:
     """points [T, 5, 2] pixels -> ArcFace crops [T, C, 112, 112]."""
     mats = np.stack([umeyama_similarity(p, ARCFACE_TEMPLATE) for p in np.asarray(points)])
     return warp(frames, mats, INPUT_SIZE)
+
+
+def rgb_to_bgr(x: torch.Tensor) -> torch.Tensor:
+    return x.flip(1)
+
+
+def syncnet_crops(frames: np.ndarray, boxes: Optional[np.ndarray], device: torch.device,
+                  size: int = SYNCNET_SIZE) -> torch.Tensor:
+    """uint8 RGB [T, H, W, 3] + the tracked face boxes [T, 4] (None: the frames are face crops already;
+    the centred square is used) -> SyncNet input crops [T, 3, 224, 224], BGR float 0..255, on ``device``."""
+    t, h, w, _ = frames.shape
+    if boxes is None:
+        side = min(h, w)
+        squares = np.tile([[w / 2, h / 2, side]], (t, 1))
+    else:
+        squares = syncnet_squares(boxes)
+    x = torch.from_numpy(np.ascontiguousarray(frames)).to(device).permute(0, 3, 1, 2).float()
+    return rgb_to_bgr(square_crops(x, squares, size))
