@@ -112,9 +112,29 @@ def test_bad_files_name_the_file(tmp_path) -> None:
     torch.save({"expcode": math.sqrt}, tmp_path / "code.pt")  # pickled code: refused, never run
     with pytest.raises(FlameFormatError, match="code.pt: cannot read"):
         read_flame(tmp_path / "code.pt")
-    (tmp_path / "x.pkl").write_bytes(b"\x80\x04N.")
+    (tmp_path / "x.txt").write_text("1 2 3")
     with pytest.raises(FlameFormatError, match="unsupported"):
-        read_flame(tmp_path / "x.pkl")
+        read_flame(tmp_path / "x.txt")
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (print, ("pickled code ran",))
+
+
+def test_pickle_reads_arrays_and_nothing_else(tmp_path, capsys) -> None:
+    import pickle
+    from collections import OrderedDict
+
+    arrays = old_arrays()
+    for protocol in (2, 4, 5):  # raw bytes via _codecs (<= 2), inline (3, 4), out-of-band buffers (5)
+        (tmp_path / "ok.pkl").write_bytes(pickle.dumps(OrderedDict(arrays), protocol=protocol))
+        seq = read_flame(tmp_path / "ok.pkl")
+        np.testing.assert_array_equal(seq.expr, arrays["expcode"][:, :50])
+    (tmp_path / "evil.pkl").write_bytes(pickle.dumps({"expcode": _Exploit()}))
+    with pytest.raises(FlameFormatError, match="evil.pkl.*refusing to load builtins.print"):
+        read_flame(tmp_path / "evil.pkl")
+    assert "pickled code ran" not in capsys.readouterr().out
 
 
 def test_step_without_flame_is_none_never_zeros(tmp_path) -> None:

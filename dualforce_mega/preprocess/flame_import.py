@@ -19,7 +19,9 @@ Both formats the seed notes name:
   ``root_pose``. A file without one has no 56-d FLAME (the 51-d FaceFormer motion still works).
 
 Files: ``.npz`` (numpy, no pickles), ``.safetensors``, ``.pt`` / ``.pth`` (``torch.load`` with
-``weights_only=True``), or an EMOCA per-frame folder. The frame rate is the file's ``fps`` entry
+``weights_only=True``), ``.pkl`` (a dict of numpy arrays, read by an unpickler that only builds
+numpy arrays, dtypes and scalars -- any other object in the file is refused, nothing is executed),
+or an EMOCA per-frame folder. The frame rate is the file's ``fps`` entry
 when it has one, else ``default_fps`` (the dataset's, e.g. 20 for MultiModal200).
 
 Resampling (e.g. 20 -> 25 fps): target frame k sits at time k / dst_fps, i.e. at source position
@@ -32,6 +34,7 @@ small frame-to-frame rotations of talking heads, and what the seed's 20 -> 25 co
 from __future__ import annotations
 
 import math
+import pickle
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -45,7 +48,14 @@ GLOBAL_POSE_DIMS = 3
 FLAME_DIM = EXPR_DIMS + JAW_DIMS + GLOBAL_POSE_DIMS   # 56 = model.flame_dim
 POSECODE_DIMS = GLOBAL_POSE_DIMS + JAW_DIMS           # EMOCA posecode: global 3 | jaw 3
 GLOBAL_POSE_KEYS = ("global_pose", "rotation", "global_orient", "root_pose")
-FILE_SUFFIXES = (".npz", ".safetensors", ".pt", ".pth")
+FILE_SUFFIXES = (".npz", ".safetensors", ".pt", ".pth", ".pkl")
+# the only globals a .pkl may reference: how numpy pickles arrays, dtypes and scalars
+_NUMPY_CORE = ("numpy.core", "numpy._core")  # numpy 1, numpy 2
+PICKLE_ALLOWED = frozenset(
+    [(f"{core}.multiarray", name) for core in _NUMPY_CORE for name in ("_reconstruct", "scalar")]
+    + [(f"{core}.numeric", "_frombuffer") for core in _NUMPY_CORE]      # pickle protocol 5
+    + [("numpy", "ndarray"), ("numpy", "dtype"), ("collections", "OrderedDict"),
+       ("_codecs", "encode")])                                           # protocol <= 2 bytes
 EMOCA_FRAME_FILES = ("exp.npy", "pose.npy")
 OLD, NEW = "emoca", "flame"
 # a target time may exceed the last source time by up to one source frame (its frame interval);
@@ -171,6 +181,13 @@ def _read_emoca_folder(path: Path) -> dict[str, np.ndarray]:
     return {"expcode": np.stack(exp), "posecode": np.stack(pose)}
 
 
+class _ArrayUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) not in PICKLE_ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name} (only numpy arrays are allowed)")
+        return super().find_class(module, name)
+
+
 def _read_arrays(path: Path) -> dict[str, np.ndarray]:
     if path.is_dir():
         return _read_emoca_folder(path)
@@ -187,6 +204,12 @@ def _read_arrays(path: Path) -> dict[str, np.ndarray]:
         if not isinstance(obj, dict):
             raise FlameFormatError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
         return {k: v.numpy() if isinstance(v, torch.Tensor) else np.asarray(v) for k, v in obj.items()}
+    if suffix == ".pkl":
+        with open(path, "rb") as f:
+            obj = _ArrayUnpickler(f, encoding="latin1").load()  # latin1: numpy arrays pickled by Python 2
+        if not isinstance(obj, dict):
+            raise FlameFormatError(f"{path}: expected a dict of arrays, found {type(obj).__name__}")
+        return {k: np.asarray(v) for k, v in obj.items()}
     raise FlameFormatError(f"{path}: unsupported FLAME file type (use {', '.join(FILE_SUFFIXES)} or an "
                            f"EMOCA per-frame folder)")
 
@@ -206,7 +229,7 @@ def read_flame(path: Union[str, Path], default_fps: float = 25.0) -> FlameSequen
 
 
 def find_flame_file(flame_dir: Union[str, Path], name: str) -> Optional[Path]:
-    """``FLAME_DIR/<name>{.npz,.safetensors,.pt,.pth}`` or the EMOCA folder ``FLAME_DIR/<name>/``;
+    """``FLAME_DIR/<name>{.npz,.safetensors,.pt,.pth,.pkl}`` or the EMOCA folder ``FLAME_DIR/<name>/``;
     ``name`` is the source video's stem. None when there is none."""
     base = Path(flame_dir)
     for suffix in FILE_SUFFIXES:
