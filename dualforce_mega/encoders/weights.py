@@ -37,9 +37,10 @@ def _few(items: list[str]) -> str:
 
 
 def load_strict(model: nn.Module, state: dict[str, torch.Tensor], path: Union[str, Path], what: str,
-                shown_prefix: str = "") -> nn.Module:
+                shown_prefix: str = "", assign: bool = False) -> nn.Module:
     """``model.load_state_dict(state, strict=True)`` after naming every missing, unexpected or mis-shaped
-    key (``shown_prefix``: what the file's keys carry in front of the model's names)."""
+    key (``shown_prefix``: what the file's keys carry in front of the model's names; ``assign``: take
+    the tensors themselves, for a model built on the meta device)."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -49,5 +50,5 @@ def load_strict(model: nn.Module, state: dict[str, torch.Tensor], path: Union[st
         note = f" (keys shown without the file's '{shown_prefix}' prefix)" if shown_prefix else ""
         raise ValueError(f"{path}: not the {what} layout: missing keys {_few(missing)}, unexpected keys "
                          f"{_few(unexpected)}, wrong shapes {_few(wrong)}{note}")
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(state, strict=True, assign=assign)
     return model

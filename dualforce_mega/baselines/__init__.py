@@ -1,0 +1,1 @@
+"""Baseline methods run from their official weights (docs/BASELINES.md)."""
