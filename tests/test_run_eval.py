@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import wave
 from pathlib import Path
 
 import numpy as np
@@ -14,26 +13,12 @@ import yaml
 from PIL import Image
 
 from eval.generate import main as generate
+from eval_utils import write_pairs
 from eval.run_eval import main as run_eval
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 FRAMES = 20   # >= 16 for one FVD clip, > 5 for SyncNet windows
 SIZE = ["--height", "32", "--width", "32"]
-
-
-def write_pairs(folder: Path, stems: list[str]) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, stem in enumerate(stems):
-        rng = np.random.default_rng(i)
-        Image.fromarray((rng.random((40, 48, 3)) * 255).astype(np.uint8)).save(folder / f"{stem}.png")
-        t = np.arange(16000) / 16000
-        x = (0.3 * np.sin(2 * np.pi * (200 + 50 * i) * t) * 32767).astype(np.int16)
-        with wave.open(str(folder / f"{stem}.wav"), "wb") as w:
-            w.setnchannels(1)
-            w.setsampwidth(2)
-            w.setframerate(16000)
-            w.writeframes(x.tobytes())
-    return folder
 
 
 @pytest.fixture(scope="module")
