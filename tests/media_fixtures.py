@@ -16,7 +16,7 @@ FACE_CENTRE = (225.0, 114.0)   # astronaut(): Haar face box centre (x, y) in the
 SPEECH = "The quick brown fox jumps over the lazy dog while the astronaut keeps talking to us."
 
 
-def head_motion(num_frames: int, fps: int = 25, shift: float = 12.0, angle: float = 12.0) -> np.ndarray:
+def head_motion(num_frames: int, fps: int = 25, shift: float = 12.0, angle: float = 10.0) -> np.ndarray:
     """Planted motion [T, 3]: dx, dy (pixels of the 512x512 photo) and in-plane roll (degrees),
     smooth sinusoids (a talking head's range: the face moves by about 1/8 of its size)."""
     t = np.arange(num_frames) / fps
@@ -57,14 +57,16 @@ def read_wav(path: Path) -> tuple[np.ndarray, int]:
         return data.reshape(-1, w.getnchannels()).mean(1), w.getframerate()
 
 
-def write_video(path: Path, frames: np.ndarray, fps: float = 25, audio: Optional[np.ndarray] = None,
-                sample_rate: int = 22050, codec: str = "libx264") -> Path:
-    """Encode frames (and mono float audio in [-1, 1]) with PyAV."""
+def write_video(path: Path, frames, fps: float = 25, audio: Optional[np.ndarray] = None,
+                sample_rate: int = 22050, codec: str = "libx264", size: Optional[tuple[int, int]] = None) -> Path:
+    """Encode frames (an array or an iterable of [H, W, 3] uint8 with ``size`` = (H, W)) and mono
+    float audio in [-1, 1] with PyAV."""
     import av
     rate = Fraction(fps).limit_denominator(1001)
+    h, w = size or frames.shape[1:3]
     with av.open(str(path), "w") as out:
-        vs = out.add_stream(codec, rate=rate)
-        vs.width, vs.height, vs.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        vs = out.add_stream(codec, rate=rate, options={"preset": "ultrafast"})
+        vs.width, vs.height, vs.pix_fmt = w, h, "yuv420p"
         a_s = None
         if audio is not None:
             a_s = out.add_stream("aac", rate=sample_rate)
@@ -94,3 +96,51 @@ def talking_video(path: Path, seconds: float, size: int = 256, fps: float = 25, 
     total = round(seconds * sr)
     audio = np.zeros(total, np.float32) if silent else np.resize(speech, total)
     return write_video(path, frames, fps, audio, sr)
+
+
+def long_face_video(path: Path, seconds: float, size: int = 128, fps: int = 5) -> Path:
+    """A cheap long talking video made by the ffmpeg CLI (use a .mkv path): the astronaut still image
+    at ``size`` px and ``fps`` (the pipeline resamples to 25) with looped espeak-ng speech as PCM."""
+    import cv2
+    from skimage.data import astronaut
+    img = path.with_suffix(".png")
+    cv2.imwrite(str(img), cv2.cvtColor(cv2.resize(astronaut(), (size, size), interpolation=cv2.INTER_AREA),
+                                       cv2.COLOR_RGB2BGR))
+    wav = speech_wav(path.with_suffix(".speech.wav"))
+    subprocess.run(["ffmpeg", "-v", "error", "-y", "-loop", "1", "-framerate", str(fps), "-i", str(img),
+                    "-stream_loop", "-1", "-i", str(wav), "-t", str(seconds), "-c:v", "libx264",
+                    "-preset", "ultrafast", "-tune", "stillimage", "-pix_fmt", "yuv420p", "-c:a", "pcm_s16le",
+                    str(path)], check=True)
+    img.unlink()
+    wav.unlink()
+    return path
+
+
+def noise_video(path: Path, seconds: float, size: int = 96, fps: int = 25, with_speech: bool = True) -> Path:
+    """Moving colour gradients (no face), with speech or without an audio stream."""
+    n = round(seconds * fps)
+    y, x = np.mgrid[0:size, 0:size] / size
+    frames = np.stack([np.stack([(x + i / n) % 1, (y * 0.7 + 0.1 * math.sin(i / 5)) % 1, 0.5 * (x + y) % 1], -1)
+                       for i in range(n)])
+    frames = (frames * 255).astype(np.uint8)
+    audio, sr = None, 22050
+    if with_speech:
+        speech, sr = read_wav(speech_wav(path.with_suffix(".speech.wav")))
+        path.with_suffix(".speech.wav").unlink()
+        audio = np.resize(speech, round(seconds * sr))
+    return write_video(path, frames, fps, audio, sr)
+
+
+def bad_inputs(root: Path, good: Path) -> dict[str, str]:
+    """Write the bad inputs under ``root``; returns input file name -> the reason the pipeline must give."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "corrupt.mp4").write_bytes(good.read_bytes()[:3000])            # truncated: no moov atom
+    (root / "notes.md").write_text("not a video\n")
+    speech_wav(root / "speech_only.wav")
+    frames, _, _ = face_frames(60, size=160)
+    write_video(root / "mute.mp4", frames)                                   # no audio stream
+    noise_video(root / "noface.mp4", 3.0)
+    talking_video(root / "silent.mp4", 3.0, size=160, silent=True)
+    talking_video(root / "short.mp4", 1.0, size=160)
+    return {"corrupt.mp4": "unreadable", "notes.md": "unreadable", "speech_only.wav": "no_video",
+            "mute.mp4": "no_audio", "noface.mp4": "no_face", "silent.mp4": "silent", "short.mp4": "too_short"}

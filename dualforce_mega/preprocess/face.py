@@ -77,8 +77,8 @@ class HaarDetector:
     """
     name = "haar"
 
-    def __init__(self, cascade: str = "haarcascade_frontalface_default.xml", max_side: int = 360,
-                 min_size_frac: float = 0.08, scale_factor: float = 1.1, min_neighbors: int = 5):
+    def __init__(self, cascade: str = "haarcascade_frontalface_default.xml", max_side: int = 256,
+                 min_size_frac: float = 0.1, scale_factor: float = 1.1, min_neighbors: int = 3):
         import cv2
         if not hasattr(cv2, "CascadeClassifier"):
             raise ImportError("OpenCV >= 5 has no Haar cascades: install opencv-python<5")

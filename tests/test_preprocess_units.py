@@ -1,0 +1,118 @@
+"""Unit tests of the raw-video pipeline's pieces (hand-computed values, small local files)."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("av")
+
+from dualforce_mega.preprocess.build_shards import gender_of, split_subjects, subject_of
+from dualforce_mega.preprocess.clips import split_run, trim_length
+from dualforce_mega.preprocess.config import ClipConfig, PrepareConfig, QualityConfig
+from dualforce_mega.preprocess.manifest import Manifest, summarize
+from dualforce_mega.preprocess.pipeline import list_sources
+from dualforce_mega.preprocess.quality import verdict
+from dualforce_mega.preprocess.video_io import MediaError, decode_audio, iter_frames, probe, read_wav
+from media_fixtures import write_video
+
+
+def test_constant_fps_resampling_picks_the_frame_on_screen(tmp_path: Path):
+    """A 30 fps source whose frame i has brightness 4i: 25 fps output frame k shows source frame
+    floor(k * 30 / 25) -- the one on screen at k / 25 s -- and chunks never change that."""
+    n = 60
+    frames = np.stack([np.full((32, 48, 3), 4 * i, np.uint8) for i in range(n)])
+    path = write_video(tmp_path / "v30.mp4", frames, fps=30)
+    assert probe(path).fps == 30 and not probe(path).has_audio
+    for chunk in (7, 64):
+        out = np.concatenate(list(iter_frames(path, 25, chunk=chunk)))
+        assert len(out) == 50
+        got = np.round(out[:, 16, 24, 0] / 4).astype(int)
+        np.testing.assert_array_equal(got, np.floor(np.arange(50) * 30 / 25 + 1e-9).astype(int))
+    small = next(iter_frames(path, 25, chunk=4, max_side=16))
+    assert small.shape == (4, 16, 24, 3)
+
+
+def test_audio_is_16k_mono_and_aligned(tmp_path: Path):
+    sr = 22050
+    t = np.arange(int(2.0 * sr)) / sr
+    stereo_free = 0.5 * np.sin(2 * np.pi * 440 * t).astype(np.float32)
+    frames = np.zeros((50, 32, 32, 3), np.uint8)
+    path = write_video(tmp_path / "a.mp4", frames, 25, stereo_free, sr)
+    n = decode_audio(path, tmp_path / "a.wav")
+    wave, rate = read_wav(tmp_path / "a.wav")
+    assert rate == 16000 and wave.size == n
+    assert abs(n - 32000) < 0.05 * 32000           # AAC may pad the last packet
+    # the tone survives resampling: dominant frequency 440 Hz
+    spec = np.abs(np.fft.rfft(wave[:16000]))
+    assert abs(np.argmax(spec) * 16000 / 16000 - 440) <= 2
+    with pytest.raises(MediaError) as e:
+        decode_audio(write_video(tmp_path / "mute.mp4", frames), tmp_path / "m.wav")
+    assert e.value.reason == "no_audio"
+    (tmp_path / "junk.mp4").write_bytes(b"\0" * 100)
+    with pytest.raises(MediaError) as e:
+        probe(tmp_path / "junk.mp4")
+    assert e.value.reason == "unreadable"
+
+
+def test_clip_lengths_follow_the_vae_rule():
+    assert [trim_length(n, 4) for n in (0, 1, 4, 5, 8, 9, 12)] == [0, 1, 1, 5, 5, 9, 9]
+    cfg = ClipConfig(fps=25, max_seconds=2.0)                     # max 50 frames -> 49 = 1 + 4*12
+    pieces = split_run(10, 130, cfg, 4)                           # 120 frames -> 3 parts of 40
+    assert pieces == [(10, 37), (50, 37), (90, 37)]
+    assert all((n - 1) % 4 == 0 and n <= 49 for _, n in pieces)
+
+
+def test_split_by_subject_is_disjoint_and_proportional():
+    subjects = [f"s{i:03d}" for i in range(100)]
+    splits = split_subjects(subjects + subjects[:10], (0.8, 0.1, 0.1), seed=3)
+    assert set(splits) == set(subjects)                            # one split per subject
+    counts = {s: sum(v == s for v in splits.values()) for s in ("train", "val", "test")}
+    assert counts == {"train": 80, "val": 10, "test": 10}
+    assert split_subjects(subjects, (0.8, 0.1, 0.1), seed=3) == splits        # deterministic
+    assert split_subjects(subjects, (0.8, 0.1, 0.1), seed=4) != splits
+    assert set(split_subjects(["a", "b"], (0.9, 0.05, 0.05), 0).values()) == {"train"}   # few subjects: all train
+
+
+def test_subject_and_gender_rules():
+    assert subject_of("HDTF_WDA_BarackObama_000", {}) == "HDTF_WDA_BarackObama"
+    assert subject_of("x_12", {"subject": "id7"}) == "id7"
+    assert [gender_of({"gender": g}) for g in ("F", "male", "", "x")] == ["female", "male", "unknown", "unknown"]
+
+
+def test_quality_verdict_names_first_failure():
+    cfg = QualityConfig(min_sharpness=10, min_face_frac=0.1, min_continuity=0.5, max_centre_offset=0.1,
+                        min_speech_frac=0.3)
+    good = {"sharpness": 50, "face_frac": 0.2, "continuity": 0.9, "centre_offset": 0.05, "speech_frac": 0.8}
+    assert verdict(good, cfg, need_face=True, need_speech=True) is None
+    assert verdict({**good, "sharpness": 5}, cfg, need_face=True, need_speech=True)[0] == "blurry"
+    assert verdict({**good, "centre_offset": 0.2}, cfg, need_face=True, need_speech=True)[0] == "face_off_centre"
+    assert verdict({**good, "speech_frac": 0.1}, cfg, need_face=True, need_speech=True)[0] == "silent"
+    assert verdict({**good, "speech_frac": 0.1}, cfg, need_face=True, need_speech=False) is None
+
+
+def test_sources_sidecars_and_config_errors(tmp_path: Path):
+    (tmp_path / "HDTF").mkdir()
+    (tmp_path / "HDTF" / "a_001.mp4").write_bytes(b"x")
+    (tmp_path / "HDTF" / "a_001.json").write_text(json.dumps({"gender": "f", "subject": "A"}))
+    (tmp_path / "HDTF" / "a_001.txt").write_text("a caption\n")
+    (tmp_path / "b.mkv").write_bytes(b"x")
+    (tmp_path / ".hidden").write_bytes(b"x")
+    src = list_sources(tmp_path, None)
+    assert [s.input_id for s in src] == ["HDTF_a_001", "b"]
+    assert src[0].info == {"dataset": "HDTF", "gender": "f", "subject": "A", "caption": "a caption"}
+    assert src[1].info == {"dataset": "raw"}
+    with pytest.raises(ValueError, match="unknown key clip.sise"):
+        PrepareConfig.from_dict({"clip": {"sise": 3}})
+
+
+def test_manifest_summary_counts_latest_rows(tmp_path: Path):
+    m = Manifest(tmp_path / "manifest.jsonl")
+    m.add("01_clips", "input", "a", "skipped", "no_face")
+    m.add("01_clips", "input", "b", "ok")
+    m.add("02_quality", "clip", "b_c000", "skipped", "silent")
+    m.timing("01_clips").done, m.timing("01_clips").seconds = 2, 4.0
+    s = summarize(m, inputs=2, kept=0)
+    assert s["skipped"] == {"clip:silent": 1, "input:no_face": 1}
+    assert s["steps"]["01_clips"]["items_per_s"] == 0.5
+    assert len((tmp_path / "manifest.jsonl").read_text().splitlines()) == 3
