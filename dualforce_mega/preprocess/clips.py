@@ -137,7 +137,8 @@ def plan_clips(sc: Scan, cfg: ClipConfig, stride: int, find_faces: bool) -> tupl
             box = facelib.centre_crop_box(sc.source_hw)
             clips += [ClipPlan(s, n, box, {}) for s, n in split_run(a, b, cfg, stride) if n >= min_len]
             continue
-        track = facelib.track_face(sc.faces[a:b], max_gap=round(cfg.max_gap_seconds * cfg.fps))
+        # gaps between examined frames are not dropouts: bridge at least the detection stride
+        track = facelib.track_face(sc.faces[a:b], max_gap=max(round(cfg.max_gap_seconds * cfg.fps), cfg.detect_every))
         present = track.present
         if not present.any():
             skips.append(Skip("no_face", "no face track in the scene", sec(a, b)))
