@@ -299,3 +299,45 @@ def test_loop_and_fill():
     boxes = np.array([[np.nan] * 4, [0, 0, 1, 1], [np.nan] * 4, [np.nan] * 4, [5, 5, 6, 6]], np.float32)
     filled, n = fill_missing(boxes)
     assert n == 3 and filled[:, 0].tolist() == [0, 0, 0, 5, 5]
+
+
+# --------------------------------------------------------------------------------- user paths
+def test_build_from_user_paths(tmp_path):
+    """The real loading path: UNet YAML + latentsync_unet.pt, a transformers Whisper folder, a
+    diffusers VAE folder (tiny instances saved as the official files are laid out)."""
+    import dataclasses
+
+    import yaml
+    from transformers import WhisperModel
+
+    from dualforce_mega.baselines.latentsync.build import BuildSpec, build_lipsync
+    from dualforce_mega.baselines.latentsync.tiny import tiny_unet_config, tiny_vae
+
+    def plain(x):
+        return {k: plain(v) for k, v in x.items()} if isinstance(x, dict) else list(x) if isinstance(x, tuple) else x
+
+    cfg = tiny_unet_config()
+    (tmp_path / "unet.yaml").write_text(yaml.safe_dump(
+        {"data": {"num_frames": 4, "resolution": 32}, "model": plain(dataclasses.asdict(cfg))}))
+    unet = LatentSyncUNet(cfg)
+    torch.save({"state_dict": unet.state_dict(), "global_step": 5}, tmp_path / "latentsync_unet.pt")
+    wcfg = tiny_whisper().config
+    wcfg.update(dict(vocab_size=8, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
+                     begin_suppress_tokens=None, max_target_positions=8))
+    whisper = WhisperModel(wcfg)
+    whisper.save_pretrained(tmp_path / "whisper")
+    vae = tiny_vae()
+    vae.save_pretrained(tmp_path / "vae")
+    pipe = build_lipsync(BuildSpec(str(tmp_path / "unet.yaml"), str(tmp_path / "latentsync_unet.pt"),
+                                   whisper=str(tmp_path / "whisper"), vae=str(tmp_path / "vae"), steps=2))
+    assert (pipe.opt.num_frames, pipe.opt.resolution, pipe.opt.steps) == (4, 32, 2)
+    for name, model, ref in (("unet", pipe.unet, unet), ("whisper", pipe.whisper.encoder, whisper.get_encoder()),
+                             ("vae", pipe.vae, vae)):
+        got = model.state_dict()
+        assert all(torch.equal(got[k], v) for k, v in ref.state_dict().items()), name
+    assert pipe.vae.config.scaling_factor == 0.18215 and pipe.vae.config.shift_factor == 0
+    with pytest.raises(ValueError, match="missing"):
+        build_lipsync(BuildSpec(str(tmp_path / "unet.yaml"), str(tmp_path / "latentsync_unet.pt")))
+    with pytest.raises(FileNotFoundError, match="--vae nowhere"):
+        build_lipsync(BuildSpec(str(tmp_path / "unet.yaml"), str(tmp_path / "latentsync_unet.pt"),
+                                whisper=str(tmp_path / "whisper"), vae="nowhere"))
