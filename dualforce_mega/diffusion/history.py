@@ -34,8 +34,10 @@ class PassInputs:
 class CachedHistory:
     needs_writing_pass = True
 
-    def __init__(self, window_blocks: int, branches: tuple[str, ...]):
-        self.caches = {b: KVCache(window=window_blocks) for b in branches}
+    def __init__(self, window_blocks: int, branches: tuple[str, ...], caches: Optional[dict] = None):
+        """``caches``: one per branch (default a growing ``KVCache`` each; the static sampler passes
+        preallocated ``StaticKVCache``s)."""
+        self.caches = caches or {b: KVCache(window=window_blocks) for b in branches}
 
     def cache(self, branch: str) -> Optional[KVCache]:
         return self.caches[branch]
@@ -51,8 +53,7 @@ class CachedHistory:
         return sum(c.num_tokens() for c in self.caches.values())
 
     def nbytes(self) -> int:
-        return sum(e.k.numel() * e.k.element_size() + e.v.numel() * e.v.element_size()
-                   for c in self.caches.values() for e in c.entries.values())
+        return sum(c.nbytes() for c in self.caches.values())
 
 
 class RecomputeHistory:

@@ -32,10 +32,12 @@ import torch
 from ..config import DiffusionConfig
 from ..models.dualforce import DualForceModel
 from ..models.layout import latent_frame_spans
+from ..models.static_kv_cache import StaticKVCache
 from .ar_schedule import Chunk, block_of_frames, plan_chunks, pyramid_passes
 from .flow import euler_step
 from .history import CachedHistory, PassInputs, RecomputeHistory
 from .schedules import inference_sigmas
+from .static_forward import StaticForward
 
 log = logging.getLogger(__name__)
 
@@ -81,12 +83,19 @@ def frame_noise(seed: int, stream: str, frame: int, shape: Sequence[int]) -> tor
 
 
 class ARSampler:
-    def __init__(self, model: DualForceModel, cfg: DiffusionConfig, use_cache: bool = True):
+    """``use_cache``: KV cache (else the recompute reference). ``static``: the cache is a preallocated
+    ring buffer (``StaticKVCache``) and every chunk after the first runs one static-shape forward,
+    captured as CUDA graphs on GPU (``StaticForward``); memory stays flat as the video grows."""
+
+    def __init__(self, model: DualForceModel, cfg: DiffusionConfig, use_cache: bool = True, static: bool = False):
         if cfg.cfg_uncond_audio not in UNCOND_AUDIO:
             raise ValueError(f"diffusion.cfg_uncond_audio={cfg.cfg_uncond_audio!r} is not one of {UNCOND_AUDIO}")
         self.model = model
         self.cfg = cfg
         self.use_cache = use_cache
+        self.static = static and use_cache
+        self._forwards: dict[str, StaticForward] = {}
+        self._caches: dict[str, StaticKVCache] = {}
         self.stats = SamplerStats()
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
@@ -112,8 +121,7 @@ class ARSampler:
             kp = inputs.kp_canonical if inputs.kp_canonical is not None else torch.zeros(b, mcfg.kp_dim)
             kp = kp.to(self.device, self.dtype)
         text = inputs.text_emb.to(self.device, self.dtype) if inputs.text_emb is not None else None
-        history: History = (CachedHistory(d.window_blocks, branches) if self.use_cache
-                            else RecomputeHistory(d.window_blocks))
+        history: History = self._history(inputs.num_latent, branches)
         sigmas = inference_sigmas(d.sample_steps, d.sample_shift)
         self.stats = SamplerStats()
         was_training = self.model.training
@@ -125,18 +133,14 @@ class ARSampler:
                 blocks = block_of_frames(chunk.frame_ids, mcfg.causal_block_size)
                 counts = self._struct_counts(chunk)
                 n_blocks = int(blocks[-1]) + 1
-                for p in ([] if known else pyramid_passes(n_blocks, sigmas, d.ar_step)):
-                    # per-frame sigmas of this pass; pinned (known) frames stay at sigma 0 and never move
-                    sv, sv_next = p.sigma[blocks], p.sigma_next[blocks]
-                    ss, ss_next = sv.masked_fill(pin_s, 0.0), sv_next.masked_fill(pin_s, 0.0)
-                    sv, sv_next = sv.masked_fill(pin_v, 0.0), sv_next.masked_fill(pin_v, 0.0)
+                passes = [] if known else pyramid_passes(n_blocks, sigmas, d.ar_step)
+                for sv, sv_next, ss, ss_next, ts, ts_next in self._schedule(passes, blocks, pin_v, pin_s, counts):
                     vel_v, vel_s = self._velocity(history, chunk, xv, sv, xs, ss, branches, audio, kp, text)
-                    xv = euler_step(xv, vel_v, self._per_frame(sv, xv), self._per_frame(sv_next, xv))
+                    xv = euler_step(xv, vel_v, sv.view(1, 1, -1, 1, 1), sv_next.view(1, 1, -1, 1, 1))
                     if xs is not None:
-                        xs = euler_step(xs, vel_s, self._per_token(ss, counts, xs),
-                                        self._per_token(ss_next, counts, xs))
+                        xs = euler_step(xs, vel_s, ts.view(1, -1, 1), ts_next.view(1, -1, 1))
                 if history.needs_writing_pass:
-                    zero = torch.zeros(chunk.end - chunk.start)
+                    zero = torch.zeros(chunk.end - chunk.start, device=self.device)
                     self._velocity(history, chunk, xv, zero, xs, zero if xs is not None else None, branches,
                                    audio, kp, text, writing=True)
                 history.append(xv, xs)
@@ -195,11 +199,39 @@ class ARSampler:
                 pin_s = pin_v.clone()
         return xv, xs, pin_v, pin_s
 
-    def _per_frame(self, sigma: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        return sigma.to(self.device, like.dtype).view(1, 1, -1, 1, 1)
+    def _history(self, num_latent: int, branches: tuple[str, ...]) -> History:
+        d, mcfg = self.cfg, self.model.cfg
+        if not self.use_cache:
+            return RecomputeHistory(d.window_blocks)
+        if not self.static:
+            return CachedHistory(d.window_blocks, branches)
+        # the caches and their captured forwards are kept across generations of the same geometry
+        blocks = 0 if d.window_blocks else -(-num_latent // mcfg.causal_block_size)
+        caches = {}
+        for b in branches:
+            cache = self._caches.get(b)
+            if cache is None or (cache.window, cache.chunk_blocks, cache.capacity_blocks) != (
+                    d.window_blocks, d.chunk_blocks, blocks):
+                cache = self._caches[b] = StaticKVCache(d.window_blocks, d.chunk_blocks, blocks)
+            cache.reset()
+            caches[b] = cache
+            self._forwards.setdefault(b, StaticForward(self.model))
+        return CachedHistory(d.window_blocks, branches, caches)
 
-    def _per_token(self, sigma: torch.Tensor, counts: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        return sigma.repeat_interleave(counts).to(self.device, like.dtype).view(1, -1, 1)
+    def _schedule(self, passes: list, blocks: torch.Tensor, pin_v: torch.Tensor, pin_s: torch.Tensor,
+                  counts: torch.Tensor) -> torch.Tensor:
+        """Per pass: (video sigma, next video sigma) per frame, the same for struct frames and per struct
+        token -- one host-to-device copy per chunk, so no pass waits on the host. Pinned (known) frames
+        stay at sigma 0."""
+        if not passes:
+            return []
+        rows = []
+        for p in passes:
+            sv, sv_next = p.sigma[blocks], p.sigma_next[blocks]
+            ss, ss_next = sv.masked_fill(pin_s, 0.0), sv_next.masked_fill(pin_s, 0.0)
+            rows.append([sv.masked_fill(pin_v, 0.0), sv_next.masked_fill(pin_v, 0.0), ss, ss_next,
+                         ss.repeat_interleave(counts), ss_next.repeat_interleave(counts)])
+        return [[t.to(self.device, torch.float32) for t in row] for row in rows]
 
     def _velocity(self, history: History, chunk: Chunk, xv: torch.Tensor, sv: torch.Tensor,
                   xs: Optional[torch.Tensor], ss: Optional[torch.Tensor], branches: tuple[str, ...],
@@ -215,8 +247,9 @@ class ARSampler:
             cache = history.cache(branch)
             if cache is not None:
                 cache.writing = writing
+            forward = self._forwards[branch] if self.static else self.model
             try:
-                out = self.model(inp.video, inp.sigma_video, struct=inp.struct, sigma_struct=inp.sigma_struct,
+                out = forward(inp.video, inp.sigma_video, struct=inp.struct, sigma_struct=inp.sigma_struct,
                                  kp_canonical=kp, audio=audio[branch], text_emb=text, frame_ids=inp.frame_ids,
                                  window_blocks=inp.window_blocks, cache=cache)
             finally:

@@ -76,20 +76,9 @@ class Attention(nn.Module):
             if cache is not None:
                 raise ValueError(f"{self.cache_name}: KV-cache inference does not run sequence-parallel")
             return self.sequence_parallel(q, k, v, spec, self.backend)
-        backend = self.backend
         if cache is not None:
-            prev = cache.get(self.cache_name)
-            if cache.writing:
-                cache.put(self.cache_name, k, v, spec.k_blocks)
-            if prev is not None:
-                k = torch.cat([prev.k, k], dim=1)
-                v = torch.cat([prev.v, v], dim=1)
-                spec = spec.with_prefix_keys(prev.blocks, ("cache", prev.k.shape[1]))
-            # the key length changes every chunk: a compiled flex kernel would recompile each
-            # time, while the merged backend's dense pieces need no mask and no compilation
-            if backend == "auto":
-                backend = "merged"
-        return block_attention(q, k, v, spec, backend)
+            return cache.attend(self.cache_name, q, k, v, spec, self.backend)
+        return block_attention(q, k, v, spec, self.backend)
 
 
 class DiTBlock(nn.Module):

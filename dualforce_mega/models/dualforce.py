@@ -82,12 +82,14 @@ class DualForceModel(nn.Module):
                 kp_canonical: Optional[torch.Tensor] = None, audio: Optional[torch.Tensor] = None,
                 text_emb: Optional[torch.Tensor] = None, frame_ids: Optional[torch.Tensor] = None,
                 window_blocks: int = 0, cache: Optional[KVCache] = None,
-                return_aux: bool = False) -> DualForceOutput:
+                return_aux: bool = False, layout: Optional[Layout] = None) -> DualForceOutput:
         """
         video_latent [B, C, F, H, W] noisy latents; sigma_video [B, F] per latent frame.
         struct [B, N, 70] noisy motion, N = video frames of the F latent frames; sigma_struct [B, F].
         audio [B, A, D_a] features of the whole clip from video frame 0 (absolute time).
         frame_ids [F] absolute latent-frame indices (default 0..F-1), on CPU.
+        layout: the ``build_layout`` of these frames, prebuilt (static-shape inference builds it outside
+        a captured graph); default: built here.
         """
         cfg = self.cfg
         b, _, f = video_latent.shape[:3]
@@ -102,10 +104,11 @@ class DualForceModel(nn.Module):
         sp = self.sequence_parallel
         if sp is None:
             xv, grid = self.video.embed(video_latent)
-            layout = build_layout(cfg, frame_ids.cpu(), grid[1:], use_struct, window, xv.device)
+            if layout is None:
+                layout = build_layout(cfg, frame_ids.cpu(), grid[1:], use_struct, window, xv.device)
         else:
-            if cache is not None:
-                raise ValueError("cache: KV-cache inference does not run sequence-parallel")
+            if cache is not None or layout is not None:
+                raise ValueError("cache / layout: KV-cache inference does not run sequence-parallel")
             xv, grid, layout = self._embed_shard(video_latent, frame_ids, use_struct, window, sp)
         e_v, e0_v = self.video.modulation(sigma_video)
         text = self.video.text_embedding(text_emb.to(xv.dtype)) \
@@ -185,5 +188,5 @@ class DualForceModel(nn.Module):
         if audio.shape[-1] != self.cfg.audio_dim:
             raise ValueError(f"audio: feature dim {audio.shape[-1]} != model.audio_dim={self.cfg.audio_dim}")
         feats = tower.audio_projector(audio.to(tower.audio_projector[0].weight.dtype))
-        index, valid = audio_window_index(self.cfg, stream, audio.shape[1])
+        index, valid = stream.audio_window or audio_window_index(self.cfg, stream, audio.shape[1])
         return AudioContext(feats, index, valid, stream.audio_groups)

@@ -12,6 +12,8 @@ from typing import Optional
 
 import torch
 
+from .attention import MaskSpec, block_attention
+
 
 @dataclass
 class CacheEntry:
@@ -26,6 +28,21 @@ class KVCache:
     sink: int = 1
     writing: bool = False  # True during the pass that commits a finished chunk's clean K/V
     entries: dict = field(default_factory=dict)
+
+    def attend(self, name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: MaskSpec,
+               backend: str) -> torch.Tensor:
+        """Attention of layer ``name``'s queries over its cached keys and the current ones; a writing
+        pass first stores the current K/V."""
+        prev = self.get(name)
+        if self.writing:
+            self.put(name, k, v, spec.k_blocks)
+        if prev is not None:
+            k = torch.cat([prev.k, k], dim=1)
+            v = torch.cat([prev.v, v], dim=1)
+            spec = spec.with_prefix_keys(prev.blocks, ("cache", prev.k.shape[1]))
+        # the key length changes every chunk: a compiled flex kernel would recompile each time, while
+        # the merged backend's dense pieces need no mask and no compilation
+        return block_attention(q, k, v, spec, "merged" if backend == "auto" else backend)
 
     def get(self, name: str) -> Optional[CacheEntry]:
         return self.entries.get(name)
@@ -47,6 +64,10 @@ class KVCache:
 
     def num_tokens(self) -> int:
         return sum(e.k.shape[1] for e in self.entries.values())
+
+    def nbytes(self) -> int:
+        return sum(e.k.numel() * e.k.element_size() + e.v.numel() * e.v.element_size()
+                   for e in self.entries.values())
 
     def clear(self) -> None:
         self.entries.clear()

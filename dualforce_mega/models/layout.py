@@ -42,6 +42,9 @@ class StreamLayout:
     audio_spans: torch.Tensor     # [G_audio, 2] video-frame span per audio group
     audio_groups: TokenGroups     # token -> audio group
     key: tuple                    # hashable description (mask caches)
+    # precomputed (index, valid) audio windows (``audio_window_index``) into the audio the forward
+    # receives; None = computed from ``audio_spans`` by the forward (static-shape inference sets them)
+    audio_window: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
 
 @dataclass(frozen=True)
