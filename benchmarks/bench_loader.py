@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
 
 from common import device_name, dump_json, markdown_table  # noqa: I100
-from data_tools.make_synthetic_shards import synthetic_key, write_shards
+from dualforce_mega.data.synthetic_shards import synthetic_key, write_shards
 from dualforce_mega.config import Config, build_config
 from dualforce_mega.data.loader import build_loader
 from dualforce_mega.data.schema import ShardSchema, to_storage

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from data_tools.make_synthetic_shards import write_shards
+from dualforce_mega.data.synthetic_shards import write_shards
 from dualforce_mega.config import Config, build_config, model_preset
 from dualforce_mega.data.loader import ShardLoader, build_loader
 from dualforce_mega.data.schema import ShardSchema, to_storage

@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load as st_load
 
-from data_tools.make_synthetic_shards import main as shards_main, synthetic_key, write_synthetic_shards
+from data_tools.make_synthetic_shards import main as shards_main
+from dualforce_mega.data.synthetic_shards import synthetic_key, write_synthetic_shards
 from dualforce_mega.config import ModelConfig, build_config
 from dualforce_mega.data.norm_stats import STAT_AXES
 from dualforce_mega.data.schema import SchemaError, to_storage

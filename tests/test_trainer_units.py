@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_tools.make_synthetic_shards import write_synthetic_shards
+from dualforce_mega.data.synthetic_shards import write_synthetic_shards
 from dualforce_mega.config import ConfigError, build_config
 from dualforce_mega.flops import forward_flops
 from dualforce_mega.parallel.deepspeed_config import build_deepspeed_config, grad_accum_steps

@@ -13,7 +13,7 @@ log = logging.getLogger(__name__)
 
 
 def synthetic_dir(cfg: Config) -> Path:
-    from data_tools.make_synthetic_shards import SYNTHETIC_SUBDIR
+    from ..data.synthetic_shards import SYNTHETIC_SUBDIR
     return Path(cfg.data.synthetic_dir or Path(cfg.run.dir) / SYNTHETIC_SUBDIR)
 
 
@@ -26,7 +26,7 @@ def ensure_data(cfg: Config, rank: int) -> Config:
         return cfg
     out = synthetic_dir(cfg)
     if rank == 0:
-        from data_tools.make_synthetic_shards import write_synthetic_shards
+        from ..data.synthetic_shards import write_synthetic_shards
         log.info("no data.shards configured: synthetic shards (%d clips, %d shards) in %s",
                  cfg.data.synthetic_clips, cfg.data.synthetic_shards, out)
         write_synthetic_shards(out, cfg)
