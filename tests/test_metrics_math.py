@@ -183,3 +183,28 @@ def test_syncnet_squares_follow_crop_video():
     # a 100x80 box at (200, 100): bs = 50, cs = 0.4 -> rows cy - bs .. cy + bs (1 + 2 cs), cols cx +- bs (1 + cs)
     sq = crops.syncnet_squares(np.array([[150.0, 60.0, 250.0, 140.0]]))
     np.testing.assert_allclose(sq, [[200.0, 100.0 + 0.4 * 50, 2 * 50 * 1.4]])
+
+
+def test_lve_cli_reads_the_faceformer_layout(tmp_path, capsys):
+    import json
+
+    from eval.metrics.lve import main as lve_main
+
+    gt = np.zeros((3, 4, 3))
+    pred = gt.copy()
+    pred[:, 2, 0] = [1.0, 2.0, 3.0]             # lip vertex 2: squared errors 1, 4, 9
+    (tmp_path / "gt").mkdir()
+    np.save(tmp_path / "gt" / "seq.npy", gt.reshape(3, 12))            # [T, V*3]
+    for t in range(3):                                                  # per-frame files, one extra frame
+        (tmp_path / "pred" / "seq").mkdir(parents=True, exist_ok=True)
+        np.save(tmp_path / "pred" / "seq" / f"{t}.npy", pred[t])
+    np.save(tmp_path / "pred" / "seq" / "3.npy", pred[0] + 100)
+    (tmp_path / "lips.txt").write_text("1, 2")
+    (tmp_path / "upper.txt").write_text("0 2")
+    np.save(tmp_path / "template.npy", np.zeros((4, 3)))
+    assert lve_main(["--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt"), "--lip-vertices",
+                     str(tmp_path / "lips.txt"), "--upper-vertices", str(tmp_path / "upper.txt"), "--template",
+                     str(tmp_path / "template.npy"), "--out", str(tmp_path / "r.json")]) == 0
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["frames"] == 3 and r["lve"] == pytest.approx((1 + 4 + 9) / 3)
+    assert r["fdd"] == pytest.approx(0.0 - np.array([1.0, 4.0, 9.0]).std() / 2)
