@@ -1,0 +1,1 @@
+"""Command lines of the baselines (python -m eval.baselines.latentsync)."""
