@@ -68,16 +68,30 @@ def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
     return x.permute(1, 2, 3, 0).cpu().numpy()
 
 
+# fragmented mp4: a moov without samples, then a self-contained fragment (moof + mdat) per keyframe; the
+# moov waits for the first fragment so it carries the AAC encoder delay (edit list: audio stays in sync)
+FRAGMENTED_MOVFLAGS = "frag_keyframe+empty_moov+delay_moov+default_base_moof"
+
+
 class Mp4Writer:
-    """Streaming mp4 writer; ``audio`` (mono float32 at ``sample_rate``) is muxed alongside."""
+    """Streaming mp4 writer; ``audio`` (mono float32 at ``sample_rate``) is muxed alongside.
+
+    ``fragment_frames`` > 0 writes a fragmented mp4 that is playable while it grows: a keyframe (and a
+    fragment) every ``fragment_frames`` frames, no encoder lookahead (x264 ``zerolatency``), packets
+    flushed to the file as they come, and the audio muxed one fragment ahead so the muxer never holds
+    video back to interleave it. A fragment appears in the file when the next one starts (or at close).
+    """
 
     def __init__(self, path: Union[str, Path], fps: int, height: int, width: int,
-                 audio: Optional[torch.Tensor] = None, sample_rate: int = 16000, crf: int = 18):
+                 audio: Optional[torch.Tensor] = None, sample_rate: int = 16000, crf: int = 18,
+                 fragment_frames: int = 0):
         if height % 2 or width % 2:
             raise ValueError(f"{path}: frame size {height}x{width} must be even for yuv420p")
         self.path = Path(path)
         self.fps = fps
-        self.container = av.open(str(self.path), mode="w")
+        self.fragment_frames = fragment_frames
+        options = {"movflags": FRAGMENTED_MOVFLAGS, "flush_packets": "1"} if fragment_frames else {}
+        self.container = av.open(str(self.path), mode="w", options=options)
         self.video = self._video_stream(fps, height, width, crf)
         self.audio = None
         self.wave = None
@@ -96,7 +110,9 @@ class Mp4Writer:
                 continue
             stream.height, stream.width, stream.pix_fmt = height, width, "yuv420p"
             if name == "libx264":
-                stream.options = {"crf": str(crf)}
+                stream.options = {"crf": str(crf), **({"tune": "zerolatency"} if self.fragment_frames else {})}
+            if self.fragment_frames:
+                stream.codec_context.gop_size = self.fragment_frames
             if name != VIDEO_CODECS[0]:
                 log.warning("%s: libx264 unavailable, writing %s video", self.path, name)
             return stream
@@ -108,7 +124,7 @@ class Mp4Writer:
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
             self.container.mux(self.video.encode(frame))
         self.frames += len(frames)
-        self._write_audio_until(self.frames)
+        self._write_audio_until(self.frames + self.fragment_frames)
 
     def _write_audio_until(self, frames: int) -> None:
         if self.audio is None:

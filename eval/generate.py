@@ -38,7 +38,7 @@ def generate_options(args: argparse.Namespace, pipe: Pipeline, save_latents: Opt
         kp_canonical=load_array(args.kp_canonical, (m.kp_dim,), "--kp-canonical") if args.kp_canonical else None,
         ref_motion=load_array(args.ref_motion, (m.motion_dim,), "--ref-motion") if args.ref_motion else None,
         text_emb=load_array(args.text_emb, (-1, m.text_dim), "--text-emb") if args.text_emb else None,
-        save_latents=save_latents, progress=not args.quiet)
+        save_latents=save_latents, progress=not args.quiet, stream=args.stream)
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -86,6 +86,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     samp.add_argument("--seed", type=int, default=0)
     samp.add_argument("--no-kv-cache", action="store_true", help="recompute the whole history every step "
                                                                  "(the reference path; slow)")
+    samp.add_argument("--stream", action="store_true", help="real-time path: static-shape KV cache (CUDA graphs "
+                                                            "on GPU), the mp4 written in place as a fragmented mp4 "
+                                                            "playable while it grows; prints first-frame latency")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
     if args.batch:
@@ -93,6 +96,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
             ap.error("--batch needs --out-dir and excludes --ref/--audio/--out")
     elif not (args.ref and args.audio and args.out):
         ap.error("give --ref, --audio and --out (or --batch and --out-dir)")
+    if args.stream and args.no_kv_cache:
+        ap.error("--stream runs the static KV cache; it excludes --no-kv-cache")
     if args.frames is not None and args.frames < 1:
         ap.error("--frames must be >= 1")
     if args.random_preset and (args.vae or args.audio_encoder):
@@ -124,6 +129,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             continue
         print(f"{info['out']}: {info['frames']} frames ({info['seconds']:.2f} s), "
               f"{info['latent_frames']} latent frames, {info['model_calls']} model calls")
+        if args.stream:
+            print(f"latency: first generated frame {info.get('first_frame_s', float('nan')):.3f} s, reference frame "
+                  f"{info['reference_frame_s']:.3f} s; {info['frames'] / info['total_s']:.1f} frames/s")
     if failed:
         print(f"{len(failed)} of {len(targets)} failed: {', '.join(failed)}")
     return 1 if failed else 0

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -71,6 +72,10 @@ class GenerateOptions:
     text_emb: Optional[torch.Tensor] = None       # [L, text_dim]
     save_latents: Optional[Path] = None           # safetensors: video_latent [C, F, h, w], struct [N, 70]
     progress: bool = True
+    # write the mp4 in place as a fragmented mp4 (playable while it grows), sample with the static-shape
+    # KV cache (CUDA graphs, captured by a short warm-up on CUDA) and report first-frame latency
+    stream: bool = False
+    on_chunk: Optional[Callable[[int], None]] = None  # called with the frames written so far after each chunk
 
 
 def build_pipeline(spec: PipelineSpec) -> Pipeline:
@@ -148,7 +153,11 @@ def _batched(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 def generate_one(pipe: Pipeline, job: Job, out: Path, opts: GenerateOptions) -> dict:
     """Generates one video, streaming chunk by chunk. The mp4 is written under a temporary name
-    and renamed when complete, so a failure never leaves (or overwrites with) a broken file."""
+    and renamed when complete, so a failure never leaves (or overwrites with) a broken file; with
+    ``opts.stream`` it is written in place, playable while it grows (fragmented mp4).
+
+    Returned timings (s, from the start of sampling): ``reference_frame_s`` (chunk 0 written),
+    ``first_frame_s`` (the first generated frames written), ``total_s``."""
     mcfg = pipe.cfg.model
     wave = load_audio(job.audio, AUDIO_SAMPLE_RATE)
     frames = opts.frames or max(1, int(wave.numel() * mcfg.fps // AUDIO_SAMPLE_RATE))
@@ -165,29 +174,46 @@ def generate_one(pipe: Pipeline, job: Job, out: Path, opts: GenerateOptions) -> 
     inputs = SampleInputs(reference=reference, num_latent=n_latent, seeds=[opts.seed], audio=feats[None],
                           kp_canonical=_batched(opts.kp_canonical), ref_motion=_batched(opts.ref_motion),
                           text_emb=_batched(opts.text_emb))
-    sampler = ARSampler(pipe.model, pipe.cfg.diffusion, use_cache=opts.use_cache)
+    sampler = ARSampler(pipe.model, pipe.cfg.diffusion, use_cache=opts.use_cache, static=opts.stream)
+    if opts.stream and next(pipe.model.parameters()).is_cuda:
+        # the chunk forward is captured on the first chunk after the sink: do it before the clock starts
+        warm = 1 + mcfg.causal_block_size * pipe.cfg.diffusion.chunk_blocks
+        for _ in sampler.generate(replace(inputs, num_latent=min(n_latent, warm))):
+            pass
     decoder = pipe.vae.decoder()
     track = fit_length(wave, frames * AUDIO_SAMPLE_RATE // mcfg.fps)
     out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(out.stem + ".partial" + out.suffix)
+    target = out if opts.stream else out.with_name(out.stem + ".partial" + out.suffix)
     latents, motion = [], []
     written = 0
-    n_chunks = len(plan_chunks(n_latent, mcfg.causal_block_size, pipe.cfg.diffusion.chunk_blocks))
+    latency = {}
+    chunks = plan_chunks(n_latent, mcfg.causal_block_size, pipe.cfg.diffusion.chunk_blocks)
+    fragment = (chunks[1].end - chunks[1].start) * mcfg.vae_temporal_stride if opts.stream and len(chunks) > 1 else 0
     try:
-        with Mp4Writer(partial, mcfg.fps, pipe.height, pipe.width, audio=track,
-                       sample_rate=AUDIO_SAMPLE_RATE) as writer:
-            for chunk in tqdm(sampler.generate(inputs), total=n_chunks, desc=job.name, unit="chunk",
+        with Mp4Writer(target, mcfg.fps, pipe.height, pipe.width, audio=track, sample_rate=AUDIO_SAMPLE_RATE,
+                       fragment_frames=fragment) as writer:
+            start = time.perf_counter()
+            for chunk in tqdm(sampler.generate(inputs), total=len(chunks), desc=job.name, unit="chunk",
                               disable=not opts.progress):
                 rgb = to_uint8_frames(decoder.decode(chunk.video)[0])[:frames - written]
                 writer.write(rgb)
                 written += len(rgb)
+                latency.setdefault("reference_frame_s" if chunk.start == 0 else "first_frame_s",
+                                   time.perf_counter() - start)
                 if opts.save_latents is not None:
                     latents.append(chunk.video[0].float().cpu())
                     if chunk.struct is not None:
                         motion.append(chunk.struct[0].float().cpu())
-        os.replace(partial, out)
+                if opts.on_chunk is not None:
+                    opts.on_chunk(written)
+            latency["total_s"] = time.perf_counter() - start
+        if not opts.stream:
+            os.replace(target, out)
     except BaseException:
-        partial.unlink(missing_ok=True)
+        if opts.stream:  # the fragments written so far stay playable
+            log.warning("%s: generation stopped after %d frames; the file holds them", out, written)
+        else:
+            target.unlink(missing_ok=True)
         raise
     if opts.save_latents is not None:
         tensors = {"video_latent": torch.cat(latents, dim=1).contiguous()}
@@ -196,4 +222,4 @@ def generate_one(pipe: Pipeline, job: Job, out: Path, opts: GenerateOptions) -> 
         opts.save_latents.parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(opts.save_latents))
     return {"out": str(out), "frames": written, "latent_frames": n_latent,
-            "seconds": written / mcfg.fps, "model_calls": sampler.stats.model_calls}
+            "seconds": written / mcfg.fps, "model_calls": sampler.stats.model_calls, **latency}
