@@ -57,3 +57,38 @@ def test_real_face_yaw_follows_a_known_camera_turn():
     r = apd(angles, np.tile(front, (len(turns), 1)))
     assert r["yaw"] == pytest.approx(np.abs(turns).mean(), abs=3.0)
     assert r["pitch"] < 3.0 and r["roll"] < 3.0
+
+
+def test_metric_face_crops_on_a_real_face():
+    """The eval crops on the astronaut: Haar track -> SyncNet squares; FaceMesh landmarks -> ArcFace
+    alignment that puts the eyes, nose tip and mouth corners on the 112² template."""
+    pytest.importorskip("mediapipe")
+    import torch
+    from skimage import data
+
+    from dualforce_mega.metrics import crops
+    from dualforce_mega.preprocess.face import build_detector
+    from eval.metrics.analyze import face_boxes, identity_crops
+
+    frames = np.stack([data.astronaut()] * 2)
+    boxes = face_boxes(frames, build_detector("haar"))
+    assert np.isfinite(boxes).all()
+    sync_in = crops.syncnet_crops(frames, boxes, torch.device("cpu"))
+    assert sync_in.shape == (2, 3, 224, 224)
+    torch.testing.assert_close(sync_in[:, 0], crops.square_crops(torch.from_numpy(frames).permute(0, 3, 1, 2).float(),
+                                                                  crops.syncnet_squares(boxes), 224)[:, 2])  # BGR
+    lm = head_pose.estimate_head_pose(frames, static_images=True).landmarks
+    aligned = identity_crops(frames, lm, boxes, torch.device("cpu"))
+    assert aligned.shape == (2, 112, 112, 3) and aligned.dtype == np.uint8
+    # FaceMesh again on the aligned crop (upsampled so the detector sees a normal-sized face)
+    big = np.asarray(torch.nn.functional.interpolate(torch.from_numpy(aligned[:1]).permute(0, 3, 1, 2).float(),
+                                                     scale_factor=4, mode="bilinear").round().clamp(0, 255)
+                     .byte().permute(0, 2, 3, 1))
+    again = head_pose.estimate_head_pose(big, static_images=True).landmarks[0, :, :2] / 4
+    assert not np.isnan(again).any()
+    src = crops.facemesh_five_points(lm[0, :, :2])
+    m = crops.umeyama_similarity(src, crops.ARCFACE_TEMPLATE)
+    expected = src @ m[:2, :2].T + m[:2, 2]   # where the warp must put them (the template up to the fit)
+    err = np.linalg.norm(crops.facemesh_five_points(again) - expected, axis=1)
+    assert err.max() < 1.5, err      # pixels of the 112² crop (FaceMesh jitter; measured < 1)
+    assert np.linalg.norm(expected - crops.ARCFACE_TEMPLATE, axis=1).max() < 10.0

@@ -46,7 +46,7 @@ def test_folders_end_to_end(videos, tmp_path):
     assert res["random_models"] == "tiny" and "meaningless" in res["warning"]
     (row,) = res["rows"]
     assert row["videos"] == 2
-    assert [f["name"] for f in row["failed"]] == ["corrupt"] and "cannot decode" in row["failed"][0]["error"]
+    assert [f["name"] for f in row["failed"]] == ["corrupt"] and "unreadable" in row["failed"][0]["error"]
     for k in ("fid", "fvd", "fvd_r3d18", "csim", "acd", "sync_c", "sync_d"):
         assert isinstance(row[k], float) and np.isfinite(row[k]), k
     assert row["sync_d"] > 0 and row["acd"] >= 0 and -1 <= row["csim"] <= 1

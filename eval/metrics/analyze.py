@@ -8,13 +8,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import av
 import numpy as np
 import torch
 
 from dualforce_mega.media import load_audio
 from dualforce_mega.metrics import crops, fvd
-from dualforce_mega.metrics.sync import SAMPLE_RATE, SyncResult
+from dualforce_mega.metrics.sync import FPS, SAMPLE_RATE, SyncResult
+from dualforce_mega.preprocess.video_io import iter_frames
 
 from .models import MetricModels
 
@@ -44,17 +44,12 @@ def list_videos(folder: Path) -> list[Path]:
 
 
 def read_frames(path: Path) -> np.ndarray:
-    """All frames, uint8 RGB [T, H, W, 3]; an unreadable or empty file is a ValueError naming it."""
-    try:
-        with av.open(str(path)) as c:
-            if not c.streams.video:
-                raise ValueError(f"{path}: no video stream")
-            frames = [f.to_ndarray(format="rgb24") for f in c.decode(c.streams.video[0])]
-    except (av.FFmpegError, OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: cannot decode video ({type(e).__name__}: {e})") from None
+    """All frames on the 25 fps grid (``preprocess.video_io``), uint8 RGB [T, H, W, 3]; an unreadable or
+    empty file is a ValueError naming it."""
+    frames = list(iter_frames(path, fps=FPS))
     if not frames:
         raise ValueError(f"{path}: no frames")
-    return np.stack(frames)
+    return np.concatenate(frames)
 
 
 def face_boxes(frames: np.ndarray, detector) -> np.ndarray:
