@@ -133,7 +133,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     study_path.write_text(yaml.safe_dump(study, sort_keys=False))
     from .run_eval import main as run_eval
 
-    flags = [a for k in ("fid_inception", "i3d", "r3d18", "arcface", "syncnet", "random_models", "device")
+    flags = [a for k in ("fid_inception", "i3d", "r3d18", "arcface", "syncnet", "motion_extractor", "random_models",
+                         "device")
              if getattr(args, k, None) for a in (f"--{k.replace('_', '-')}", str(getattr(args, k)))]
     return run_eval(["--study", str(study_path)] + flags)
 

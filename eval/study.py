@@ -38,7 +38,7 @@ GENERATION_KEYS = {"steps", "seed", "height", "width", "shift", "cfg_audio", "ch
 # generation option -> DiffusionConfig field
 DIFFUSION_FLAGS = {"steps": "sample_steps", "shift": "sample_shift", "cfg_audio": "cfg_audio",
                    "chunk_blocks": "chunk_blocks", "window_blocks": "window_blocks", "ar_step": "ar_step"}
-NETWORK_KEYS = {"fid_inception", "i3d", "r3d18", "arcface", "syncnet", "random_models"}
+NETWORK_KEYS = {"fid_inception", "i3d", "r3d18", "arcface", "syncnet", "motion_extractor", "random_models"}
 
 
 @dataclass

@@ -71,6 +71,25 @@ def test_missing_weight_path_fails_before_any_work(videos, tmp_path, caplog):
     assert not out.exists()
     rc = run_eval(["--generated", str(videos["gen"]), "--out", str(out), "--metrics", "sync"])
     assert rc == 2 and "--syncnet: no path given" in caplog.text
+    rc = run_eval(["--generated", str(videos["gen"]), "--out", str(out), "--metrics", "apd", "--motion-extractor",
+                   str(tmp_path / "me.pth")])
+    assert rc == 2 and "--motion-extractor: " in caplog.text and not out.exists()
+
+
+def test_apd_from_liveportrait_pose_heads(videos):
+    """With a motion extractor, APD's angles are its pose heads (here a random tiny one)."""
+    import torch
+
+    from dualforce_mega.preprocess.motion import random_liveportrait
+    from eval.metrics.analyze import analyze_video, read_frames
+    from eval.metrics.models import MetricModels
+
+    lp = random_liveportrait("tiny", device="cpu")
+    models = MetricModels(device=torch.device("cpu"), random="tiny", pose=lp)
+    rec = analyze_video(videos["gen"] / "a.mp4", models, ["apd"])
+    motion, _ = lp.per_frame(read_frames(videos["gen"] / "a.mp4"))
+    assert rec.pose.shape == (FRAMES, 3) and not rec.errors
+    np.testing.assert_allclose(rec.pose, motion[:, 63:66].numpy(), rtol=1e-6)
 
 
 def test_study_generates_resumably_and_evaluates(videos, tmp_path):

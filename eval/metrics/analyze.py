@@ -110,14 +110,17 @@ def analyze_frames(name: str, path: str, frames: np.ndarray, wave: Optional[np.n
             for m in ("csim", "sync"):
                 rec.errors[m] = str(e)
     landmarks = None
-    if "apd" in metrics or ("csim" in metrics and face_mode == "detect"):
+    if "apd" in metrics and models.pose is not None:
+        motion, _ = models.pose.per_frame(frames)
+        rec.pose = motion[:, models.pose.layout.angles].double().numpy()
+    if (models.pose is None and "apd" in metrics) or ("csim" in metrics and face_mode == "detect"):
         def pose() -> None:
             nonlocal landmarks
             from dualforce_mega.preprocess.head_pose import estimate_head_pose
 
             track = estimate_head_pose(frames)
             landmarks = track.landmarks
-            if "apd" in metrics:
+            if "apd" in metrics and models.pose is None:
                 if not track.found.any():
                     raise ValueError("no face found by FaceMesh")
                 rec.pose = track.angles

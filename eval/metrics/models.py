@@ -11,6 +11,7 @@ from typing import Optional
 
 import torch
 
+from dualforce_mega.encoders.liveportrait import LivePortraitMotionExtractor
 from dualforce_mega.metrics import fvd
 from dualforce_mega.metrics.arcface import ArcFace, write_tiny_arcface
 from dualforce_mega.metrics.fid import FrameFeatures
@@ -19,6 +20,7 @@ from dualforce_mega.metrics.r3d import R3D18
 from dualforce_mega.metrics.sync import SyncScorer
 from dualforce_mega.metrics.syncnet import SyncNet
 from dualforce_mega.metrics.weights import RANDOM_PRESETS, require_file, warn_random
+from dualforce_mega.preprocess.motion import LivePortraitMotion
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,8 @@ def add_model_arguments(ap: argparse.ArgumentParser) -> None:
     g = ap.add_argument_group("metric networks (local files; docs/EVAL.md says where to get each)")
     for flag, dest, what in WEIGHT_FLAGS.values():
         g.add_argument(flag, dest=dest, help=what)
+    g.add_argument("--motion-extractor", help="LivePortrait motion_extractor.pth: APD from its pose heads instead "
+                                              "of MediaPipe FaceMesh + PnP")
     g.add_argument("--random-models", choices=RANDOM_PRESETS,
                    help="tiny RANDOM networks of the same classes instead of weight files (smoke runs; "
                         "the numbers are meaningless and marked so)")
@@ -53,10 +57,13 @@ class MetricModels:
     fvd_r3d18: Optional[fvd.VideoFeatures] = None
     arcface: Optional[ArcFace] = None
     sync: Optional[SyncScorer] = None
+    pose: Optional[LivePortraitMotion] = None     # None: MediaPipe FaceMesh + PnP
 
 
 def check_weight_paths(args: argparse.Namespace, metrics: list[str]) -> None:
     """Fails on the first missing file, naming its flag (before anything is decoded or generated)."""
+    if "apd" in metrics and getattr(args, "motion_extractor", None):
+        require_file(args.motion_extractor, "--motion-extractor", "LivePortrait motion extractor")
     if getattr(args, "random_models", None):
         return
     for m in metrics:
@@ -91,6 +98,10 @@ def load_models(args: argparse.Namespace, metrics: list[str]) -> MetricModels:
     if "sync" in metrics:
         net = SyncNet(div) if random else SyncNet.from_file(args.syncnet)
         models.sync = SyncScorer(net, device)
+    if "apd" in metrics and getattr(args, "motion_extractor", None):
+        net = LivePortraitMotionExtractor.from_pretrained(require_file(args.motion_extractor, "--motion-extractor",
+                                                                       "LivePortrait motion extractor"))
+        models.pose = LivePortraitMotion(net.to(device))
     if random:
         for m in metrics:
             if m in WEIGHT_FLAGS:
