@@ -1,0 +1,8 @@
+"""Step 04 of data_tools.prepare alone (motion: LivePortrait from --motion-extractor, else the MediaPipe fallback);
+same options, earlier steps' outputs must exist."""
+import sys
+
+from data_tools.prepare import main
+
+if __name__ == "__main__":
+    sys.exit(main(steps=("04_motion",), description=__doc__))

@@ -1,0 +1,8 @@
+"""Step 06 of data_tools.prepare alone (audio features: HuBERT / wav2vec2 from --audio-encoder, 2 per video frame);
+same options, earlier steps' outputs must exist."""
+import sys
+
+from data_tools.prepare import main
+
+if __name__ == "__main__":
+    sys.exit(main(steps=("06_audio",), description=__doc__))
