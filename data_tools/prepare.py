@@ -35,6 +35,8 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     ap.add_argument("--emoca", help="EMOCA checkpoint: FLAME from the crops where --flame-dir has none "
                                     "(without both, clips are marked has_flame=false)")
     ap.add_argument("--flame-fps", type=float, default=25.0, help="frame rate of FLAME files that do not say")
+    ap.add_argument("--syncnet", help="SyncNet v2 weights (syncnet_v2.model): Sync-C as a quality score in step 02")
+    ap.add_argument("--text-encoder", help="umT5 folder (Wan's text_encoder + tokenizer): caption embeddings")
     ap.add_argument("--size", type=int, help="crop side in pixels (default 512)")
     ap.add_argument("--workers", type=int, default=1, help="processes for the CPU steps 01 / 02")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] for the networks")
@@ -62,7 +64,7 @@ def options_from_args(args: argparse.Namespace, steps: Sequence[str]) -> Prepare
     return PrepareOptions(src=args.src, out=args.out, config=cfg, vae=args.vae, audio_encoder=args.audio_encoder,
                           audio_layer=args.audio_layer, motion_extractor=args.motion_extractor,
                           flame_dir=args.flame_dir, emoca=args.emoca, flame_fps=args.flame_fps, workers=args.workers, device=args.device,
-                          random_models=args.random_models, preset=preset, steps=tuple(steps))
+                          syncnet=args.syncnet, text_encoder=args.text_encoder, random_models=args.random_models, preset=preset, steps=tuple(steps))
 
 
 def main(argv: Optional[Sequence[str]] = None, steps: Sequence[str] = STEPS, description: str = __doc__) -> int:

@@ -111,6 +111,7 @@ def test_video_only_mode_trains_phase2(tmp_path):
     src = tmp_path / "raw" / "panda"
     src.mkdir(parents=True)
     noise_video(src / "generic.mp4", 3.0, size=96, with_speech=False)     # no face, no audio
+    (src / "generic.txt").write_text("colourful stripes drifting to the right\n")   # its caption
     out = tmp_path / "out"
     proc = subprocess.run(_cmd("data_tools.prepare", tmp_path / "raw", out, "--mode", "video"), cwd=REPO,
                           capture_output=True, text=True, timeout=600)
@@ -118,6 +119,13 @@ def test_video_only_mode_trains_phase2(tmp_path):
     assert "clips in shards: 1" in proc.stdout
     index = json.loads((out / "shards" / "index.json").read_text())
     assert index["total_samples"] == 1 and "struct" not in index["stats"]
+    import tarfile
+    from safetensors.torch import load as st_load
+    with tarfile.open(out / "shards" / index["shards"][0]["name"]) as tar:
+        blob = next(tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".safetensors"))
+    tensors = st_load(blob)
+    assert set(tensors) == {"video_latent", "ref_latent", "ref_positions", "text_emb"}
+    assert tensors["text_emb"].shape[1] == 32      # tiny preset text_dim
     cmd = ["bash", "launch/pretrain_causal.sh", "--nproc", "1", "--set", f"data.shards={out / 'shards'}",
            "--set", "train.steps=2", "--set", "train.global_batch=1", "--set", "train.micro_batch=1",
            "--set", f"run.dir={tmp_path / 'run'}"]

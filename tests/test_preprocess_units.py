@@ -116,3 +116,38 @@ def test_manifest_summary_counts_latest_rows(tmp_path: Path):
     assert s["skipped"] == {"clip:silent": 1, "input:no_face": 1}
     assert s["steps"]["01_clips"]["items_per_s"] == 0.5
     assert len((tmp_path / "manifest.jsonl").read_text().splitlines()) == 3
+
+
+def test_syncnet_confidence_from_weights_file(tmp_path: Path):
+    """Step 02's SyncNet score goes through the evaluation's SyncNet (official key layout, strict load)."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("python_speech_features")
+    from dualforce_mega.metrics.syncnet import SyncNet
+    from dualforce_mega.preprocess.quality import score_clip
+    torch.manual_seed(0)
+    weights = tmp_path / "syncnet_v2.model"
+    torch.save(SyncNet().state_dict(), weights)
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 255, (12, 64, 64, 3), dtype=np.uint8)
+    wave = (0.1 * rng.standard_normal(12 * 640)).astype(np.float32)
+    s = score_clip(frames, wave, 16000, {}, QualityConfig(), syncnet=str(weights))
+    assert np.isfinite(s["sync_confidence"]) and s["sync_confidence"] >= 0 and -15 <= s["sync_offset"] <= 15
+    torch.save({"bad": torch.zeros(1)}, tmp_path / "bad.model")
+    with pytest.raises(Exception, match="bad.model"):
+        score_clip(frames, wave, 16000, {}, QualityConfig(), syncnet=str(tmp_path / "bad.model"))
+
+
+def test_aligned_inputs_skip_detection(tmp_path: Path):
+    """--aligned (VFHQ-512 style pre-cropped faces): no detector runs, the centred square is the crop,
+    so even a clip in which no face can be found becomes one clip of 1 + 4k frames."""
+    from dualforce_mega.preprocess.clips import extract_clips
+    from media_fixtures import noise_video
+    if not __import__("shutil").which("espeak-ng"):
+        pytest.skip("needs espeak-ng")
+    src = noise_video(tmp_path / "aligned.mp4", 2.5, size=80)
+    cfg = ClipConfig(size=32, min_seconds=2.0, aligned=True)
+    recs, skips = extract_clips(src, "aligned", tmp_path / "out", cfg, stride=4, mode="talking-head",
+                                detector=None, need_audio=True)
+    assert not skips and len(recs) == 1
+    assert recs[0]["num_video_frames"] == 61 and recs[0]["crop_box"] == [40.0, 40.0, 80.0]
+    assert recs[0]["quality"] == {} and (tmp_path / "out" / recs[0]["audio"]).is_file()

@@ -70,6 +70,7 @@ def clip_meta(rec: dict, source_info: dict, quality: dict, step_meta: dict[str, 
         "has_flame": bool(flame.get("has_flame", False)), "has_audio": "06_audio" in step_meta,
         "vae": step_meta.get("03_latents", {}).get("vae"), "audio_encoder": step_meta.get("06_audio", {}).get("audio_encoder"),
         "random_models": random_models, "caption": source_info.get("caption"),
+        "text_encoder": step_meta.get("06_text", {}).get("text_encoder"),
     }
 
 

@@ -229,4 +229,15 @@ def build_audio(opts: PrepareOptions, model: ModelConfig) -> BatchFn:
     return fn
 
 
-__all__ = ["ClipResult", "run_clip_step", "load_step", "build_latents", "build_motion", "build_flame", "build_audio"]
+def build_text(opts: PrepareOptions, model: ModelConfig) -> BatchFn:
+    from .text import build_text_encoder
+    enc = build_text_encoder(opts.text_encoder, model.text_dim, None if opts.text_encoder else opts.random_models,
+                             opts.device)
+
+    def fn(batch: list[dict]) -> list[ClipResult]:
+        return [ClipResult({"text_emb": enc(rec["caption"])}, {"text_encoder": enc.name, "has_text": True})
+                if rec.get("caption") else ClipResult(meta={"has_text": False}) for rec in batch]
+    return fn
+
+
+__all__ = ["ClipResult", "build_text", "run_clip_step", "load_step", "build_latents", "build_motion", "build_flame", "build_audio"]

@@ -30,12 +30,13 @@ from tqdm import tqdm
 from ..fsutil import atomic_write
 from .clips import extract_clips, safe_id
 from .config import PrepareConfig
+from .netutil import resolve_device
 from .manifest import CACHED, FAILED, OK, PENDING, SKIPPED, Manifest
 from .video_io import MediaError
 
 log = logging.getLogger(__name__)
 
-STEPS = ("01_clips", "02_quality", "03_latents", "04_motion", "05_flame", "06_audio", "07_shards")
+STEPS = ("01_clips", "02_quality", "03_latents", "04_motion", "05_flame", "06_audio", "06_text", "07_shards")
 SIDECAR_EXT = ".json"          # <video stem>.json next to a video: dataset / subject / gender / caption
 CAPTION_EXT = ".txt"
 
@@ -53,6 +54,7 @@ class PrepareOptions:
     emoca: Optional[str] = None               # EMOCA checkpoint: FLAME from the crops when no flame file
     flame_fps: float = 25.0                   # frame rate of precomputed FLAME files without one inside
     text_encoder: Optional[str] = None
+    syncnet: Optional[str] = None             # syncnet_v2.model: SyncNet confidence in step 02
     workers: int = 1
     device: str = "auto"
     random_models: Optional[str] = None       # "tiny": random networks of the real classes (smoke runs)
@@ -228,21 +230,21 @@ def _step02_one(job: dict) -> dict:
     rec = job["record"]
     t0 = time.perf_counter()
     try:
-        return _score(rec, cfg, Path(job["out"]), t0)
+        return _score(rec, cfg, Path(job["out"]), t0, job.get("syncnet"), job.get("device", "cpu"))
     except Exception as e:  # noqa: BLE001  -- reported, not cached
         log.exception("%s: step 02 failed", rec["key"])
         return {"key": rec["key"], "scores": {}, "keep": False, "failed": True, "reason": "error",
                 "detail": f"{type(e).__name__}: {e}", "seconds": time.perf_counter() - t0}
 
 
-def _score(rec: dict, cfg, out: Path, t0: float) -> dict:
+def _score(rec: dict, cfg, out: Path, t0: float, syncnet: Optional[str], device: str) -> dict:
     from .quality import score_clip, verdict
     from .video_io import read_clip, read_wav
     d = Path(rec["dir"])
     frames = read_clip(d / rec["video"])
     wave, rate = read_wav(d / rec["audio"]) if rec.get("audio") else (None, rec["sample_rate"])
     talking = rec["mode"] == "talking-head"
-    scores = score_clip(frames, wave if talking else None, rate, rec["quality"], cfg)
+    scores = score_clip(frames, wave if talking else None, rate, rec["quality"], cfg, syncnet, device)
     bad = verdict(scores, cfg, need_face=talking and not rec["aligned"], need_speech=talking)
     result = {"key": rec["key"], "scores": scores, "keep": bad is None, "reason": bad[0] if bad else None,
               "detail": bad[1] if bad else None, "seconds": time.perf_counter() - t0}
@@ -267,7 +269,8 @@ def run_step02(opts: PrepareOptions, clips: list[dict], manifest: Manifest, run:
         if not run:
             manifest.add(step, "clip", rec["key"], PENDING)
             continue
-        jobs.append({"record": rec, "out": str(out), "quality": vars(opts.config.quality)})
+        jobs.append({"record": rec, "out": str(out), "quality": vars(opts.config.quality), "syncnet": opts.syncnet,
+                     "device": str(resolve_device(opts.device)) if opts.syncnet else "cpu"})
     t0 = time.perf_counter()
     for res in parallel_map(_step02_one, jobs, opts.workers, "02 quality"):
         results[res["key"]] = res

@@ -16,14 +16,14 @@ import torch
 
 from ..config import model_preset
 from .build_shards import clip_meta, split_subjects, subject_of, write_split_shards, write_splits_file
-from .features import build_audio, build_flame, build_latents, build_motion, load_step, run_clip_step
+from .features import build_audio, build_flame, build_latents, build_motion, build_text, load_step, run_clip_step
 from .manifest import OK, Manifest, summarize
 from .pipeline import STEPS, PrepareOptions, clip_record, list_sources, run_step01, run_step02
 
 log = logging.getLogger(__name__)
 
 TALKING_HEAD_STEPS = STEPS
-VIDEO_STEPS = ("01_clips", "02_quality", "03_latents", "07_shards")
+VIDEO_STEPS = ("01_clips", "02_quality", "03_latents", "06_text", "07_shards")
 SHARDS_DIR = "shards"
 
 
@@ -49,6 +49,8 @@ def run_prepare(opts: PrepareOptions) -> dict[str, Any]:
     # 01: inputs -> clips
     records = run_step01(opts, sources, manifest, model.vae_temporal_stride, run="01_clips" in selected)
     clips = [clip_record(opts, r["input_id"], k) for r in records for k in r.get("clips", [])]
+    for c in clips:
+        c["caption"] = info_by_input.get(c["input_id"], {}).get("caption")
     # 02: quality
     quality = run_step02(opts, clips, manifest, run="02_quality" in selected)
     kept = [c for c in clips if c["key"] in quality and quality[c["key"]]["keep"]]
@@ -57,10 +59,12 @@ def run_prepare(opts: PrepareOptions) -> dict[str, Any]:
     builders = {"03_latents": (build_latents, cfg.latent_batch, lambda r: (r["num_video_frames"], r["size"])),
                 "04_motion": (build_motion, 1, lambda r: 0),
                 "05_flame": (build_flame, 1, lambda r: 0),
-                "06_audio": (build_audio, 1, lambda r: 0)}
+                "06_audio": (build_audio, 1, lambda r: 0),
+                "06_text": (build_text, 1, lambda r: 0)}
     step_meta: dict[str, dict[str, dict]] = {}
     for step, (build, batch, group) in builders.items():
-        if step not in mode_steps:
+        if step not in mode_steps or (step == "06_text" and (model.text_dim == 0 or
+                                                            not any(c.get("caption") for c in kept))):
             continue
         metas = run_clip_step(opts, step, kept, manifest, lambda b=build: b(opts, model), batch_size=batch,
                               group=group, run=step in selected)

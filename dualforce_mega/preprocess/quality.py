@@ -9,9 +9,12 @@ Scores (all kept in the clip metadata under ``quality``):
   the fixed crop).
 * ``speech_frac``  fraction of the clip's samples inside silero-vad speech segments.
 
+* ``sync_confidence`` / ``sync_offset``  with SyncNet weights (``--syncnet syncnet_v2.model``): the
+  evaluation's Sync-C and AV offset (:mod:`dualforce_mega.metrics.sync`) on the crop resized to 224
+  (the crop is already a face square, so no second crop; the reference's 0.4 margin differs a little).
+
 The first failing check names the reason (``blurry``, ``small_face``, ``track_broken``,
-``face_off_centre``, ``silent``). SyncNet confidence is not computed here yet: the SyncNet network
-and Sync-C live with the evaluation metrics (issue 14) and are not in the library yet.
+``face_off_centre``, ``silent``, ``out_of_sync``).
 """
 from __future__ import annotations
 
@@ -57,11 +60,31 @@ def speech_fraction(wave: np.ndarray, sample_rate: int, threshold: float) -> flo
     return float(sum(s["end"] - s["start"] for s in stamps) / wave.size)
 
 
+@lru_cache(maxsize=2)
+def sync_scorer(path: str, device: str):
+    """The evaluation's SyncNet scorer, loaded once per process."""
+    import torch
+    from ..metrics.sync import SyncScorer
+    from ..metrics.syncnet import SyncNet
+    return SyncScorer(SyncNet.from_file(path), torch.device(device))
+
+
+def sync_confidence(frames: np.ndarray, wave: np.ndarray, syncnet: str, device: str) -> dict[str, float]:
+    """Sync-C and the AV offset (frames) of face crops uint8 RGB [T, H, W, 3] with 16 kHz audio."""
+    import torch
+    from ..metrics.crops import syncnet_crops
+    scorer = sync_scorer(syncnet, device)
+    res = scorer(syncnet_crops(frames, None, torch.device(device)), wave)
+    return {"sync_confidence": res.sync_c, "sync_offset": float(res.offset)}
+
+
 def score_clip(frames: np.ndarray, wave: Optional[np.ndarray], sample_rate: int, track_quality: dict,
-               cfg: QualityConfig) -> dict[str, float]:
+               cfg: QualityConfig, syncnet: Optional[str] = None, device: str = "cpu") -> dict[str, float]:
     scores = {"sharpness": sharpness(frames, cfg.sample_frames), **track_quality}
     if wave is not None:
         scores["speech_frac"] = speech_fraction(wave, sample_rate, cfg.vad_threshold)
+        if syncnet:
+            scores.update(sync_confidence(frames, wave, syncnet, device))
     return scores
 
 
@@ -74,7 +97,8 @@ def verdict(scores: dict[str, float], cfg: QualityConfig, *, need_face: bool, ne
                    ("track_broken", "continuity", cfg.min_continuity, +1),
                    ("face_off_centre", "centre_offset", cfg.max_centre_offset, -1)]
     if need_speech:
-        checks += [("silent", "speech_frac", cfg.min_speech_frac, +1)]
+        checks += [("silent", "speech_frac", cfg.min_speech_frac, +1),
+                   ("out_of_sync", "sync_confidence", cfg.min_sync_confidence, +1)]
     for reason, name, limit, sign in checks:
         if name not in scores:
             continue
@@ -85,4 +109,4 @@ def verdict(scores: dict[str, float], cfg: QualityConfig, *, need_face: bool, ne
     return None
 
 
-__all__ = ["sharpness", "speech_fraction", "score_clip", "verdict"]
+__all__ = ["sharpness", "speech_fraction", "sync_confidence", "score_clip", "verdict"]
