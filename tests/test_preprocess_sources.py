@@ -74,3 +74,16 @@ def test_celebvhq_parse(tmp_path: Path):
     path.write_text(json.dumps({"clips": {"x": {"ytb_id": "y"}}}))
     with pytest.raises(ValueError, match="clips.x"):
         parse_celebvhq(path)
+
+
+def test_download_cli_reports_dead_links(tmp_path: Path):
+    """The CLI over the library: a segment that cannot be fetched (no cache, no yt-dlp / network)
+    ends in the download manifest and a non-zero exit, nothing is left half-written."""
+    from data_tools.download import main
+    meta = tmp_path / "celebvhq_info.json"
+    meta.write_text(json.dumps({"clips": {"c0": {"ytb_id": "zzzzzzzzzzz", "duration": {"start_sec": 0, "end_sec": 1}}}}))
+    out = tmp_path / "raw" / "CelebV-HQ"
+    assert main(["celebvhq", "--meta", str(meta), "--out", str(out)]) == 1
+    rows = [json.loads(line) for line in (out / "download_manifest.jsonl").read_text().splitlines()]
+    assert rows[0]["segment"] == "c0" and rows[0]["status"] != "ok"
+    assert not list(out.glob("*.mp4"))

@@ -158,6 +158,8 @@ def fetch_segments(segments: list[Segment], out_dir: Path, cache: Path, manifest
     from tqdm import tqdm
     status: dict[str, str] = {}
     cache.mkdir(parents=True, exist_ok=True)
+    if manifest_path is not None:
+        manifest_path.parent.mkdir(parents=True, exist_ok=True)
     for seg in tqdm(segments, desc="segments", unit="clip"):
         try:
             slice_segment(download(seg.url, cache / seg.video_id), seg, out_dir)
