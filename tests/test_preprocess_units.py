@@ -151,3 +151,28 @@ def test_aligned_inputs_skip_detection(tmp_path: Path):
     assert not skips and len(recs) == 1
     assert recs[0]["num_video_frames"] == 61 and recs[0]["crop_box"] == [40.0, 40.0, 80.0]
     assert recs[0]["quality"] == {} and (tmp_path / "out" / recs[0]["audio"]).is_file()
+
+
+def test_missing_weights_fail_before_any_work(tmp_path: Path):
+    from dualforce_mega.preprocess.pipeline import PrepareOptions
+    from dualforce_mega.preprocess.prepare import run_prepare
+    (tmp_path / "raw").mkdir()
+    with pytest.raises(ValueError, match="03_latents needs --vae"):
+        run_prepare(PrepareOptions(src=tmp_path / "raw", out=tmp_path / "out"))
+    with pytest.raises(FileNotFoundError, match="--vae /nonexistent"):
+        run_prepare(PrepareOptions(src=tmp_path / "raw", out=tmp_path / "out", vae="/nonexistent",
+                                   audio_encoder="/nonexistent"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_small_split_spreads_over_min_shards(tmp_path: Path):
+    from dualforce_mega.config import model_preset
+    from dualforce_mega.data.synthetic import make_synthetic_clip
+    from dualforce_mega.preprocess.build_shards import write_split_shards
+    cfg = model_preset("tiny")
+    clips = {f"k{i}": make_synthetic_clip(i, 3, (4, 4), cfg, seed=0) for i in range(5)}
+    pc = PrepareConfig(min_shards=2)
+    assert write_split_shards(tmp_path, list(clips), lambda k: clips[k], cfg, pc, {})
+    index = json.loads((tmp_path / "index.json").read_text())
+    assert [s["keys"] for s in index["shards"]] == [["k0", "k1", "k2"], ["k3", "k4"]]
+    assert not write_split_shards(tmp_path, list(clips), lambda k: clips[k], cfg, pc, {})   # same keys: kept

@@ -89,8 +89,11 @@ def write_split_shards(out: Path, keys: list[str], load: Callable[[str], tuple[d
     keys = sorted(keys)
     if _index_keys(out / INDEX_NAME) == keys:
         return False
+    shards = min(cfg.min_shards, len(keys))
     with ShardWriter(out, model, max_shard_bytes=cfg.max_shard_bytes, overwrite=True, extra=extra) as w:
-        for key in keys:
+        for i, key in enumerate(keys):
+            if i and i * shards // len(keys) != (i - 1) * shards // len(keys):
+                w.next_shard()    # clip i goes to shard i * shards // n (at least; size still rolls over)
             tensors, meta = load(key)
             w.write(key, to_storage(tensors), meta)
     return True

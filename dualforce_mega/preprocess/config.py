@@ -55,6 +55,7 @@ class PrepareConfig:
     latent_batch: int = 4             # equally long clips per VAE call (and reference images per call)
     ref_every: int = 4                # single-image reference encodings every k latent frames
     max_shard_bytes: int = 1 << 30
+    min_shards: int = 1               # spread a small split over at least this many shards (data-parallel ranks)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

@@ -37,6 +37,7 @@ def run_prepare(opts: PrepareOptions) -> dict[str, Any]:
         log.warning("--random-models %s: every network without a path is a RANDOM tiny instance; the shards are "
                     "for smoke tests only (recorded as random_models in every clip's metadata)", opts.random_models)
         log.warning("=" * 80)
+    check_options(opts, TALKING_HEAD_STEPS if cfg.mode == "talking-head" else VIDEO_STEPS)
     torch.manual_seed(0)
     opts.out.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(opts.out / "manifest.jsonl")
@@ -80,6 +81,20 @@ def run_prepare(opts: PrepareOptions) -> dict[str, Any]:
     summary["random_models"] = opts.random_models
     (opts.out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def check_options(opts: PrepareOptions, mode_steps: tuple[str, ...]) -> None:
+    """Fail before any work when a selected step will need a network nobody gave."""
+    selected = set(opts.steps) & set(mode_steps)
+    need = {"03_latents": ("--vae", opts.vae), "06_audio": ("--audio-encoder", opts.audio_encoder)}
+    for step, (flag, value) in need.items():
+        if step in selected and not value and not opts.random_models:
+            raise ValueError(f"step {step} needs {flag} PATH (or --random-models tiny for a smoke run)")
+    for flag, value in (("--vae", opts.vae), ("--audio-encoder", opts.audio_encoder),
+                        ("--motion-extractor", opts.motion_extractor), ("--syncnet", opts.syncnet),
+                        ("--emoca", opts.emoca), ("--flame-dir", opts.flame_dir), ("--text-encoder", opts.text_encoder)):
+        if value and not Path(value).exists():
+            raise FileNotFoundError(f"{flag} {value}: no such file or directory")
 
 
 def _write_shards(opts: PrepareOptions, model, kept: list[dict], info_by_input: dict, quality: dict,
