@@ -3,14 +3,18 @@
 For each number of latent frames F and sequence-parallel degree P (Ulysses: every rank holds the
 full sequence and heads/P heads) it times, on identical q/k/v:
 
-  flex      FlexAttention with the cached BlockMask (the CUDA default backend)
+  flex      FlexAttention with the cached BlockMask (the previous CUDA default)
+  flex:tuned  the same with ``--flex-options`` as kernel_options (block sizes, warps, stages)
+  merged    dense pieces merged by log-sum-exp (the CUDA default; ``merged:<kernel>`` forces the
+            piece kernel, ``--merged-kernels``)
   flash     per-query-block prefix calls (flash_attn if installed, else torch's fused SDPA)
   sdpa      dense boolean mask through SDPA (the reference; skipped where the L^2 mask cannot fit)
   full:*    unmasked attention of the same shape through each fused kernel available
 
 TFLOP/s count only the unmasked work (allowed query-key pairs), forward + backward = 3.5x the
 forward's 4 * pairs * heads * head_dim (the backward's 2.5x is FlashAttention's convention).
-``ratio`` is time / time of the fastest full kernel; the ideal for block-causal is (F+1)/2F.
+``ratio`` is time / time of the fastest full kernel; the ideal for block-causal is (F+1)/2F;
+``vs dense`` is time / time of the dense-mask SDPA. One summary line per shape follows the table.
 
 A second table times building the flex BlockMask: token-level ``create_block_mask`` vs the
 block-level construction the backend uses.
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -32,6 +37,7 @@ from common import (allow_recompiles, bench_device, csv_list, device_name, dump_
                     free_memory, is_oom, markdown_table, release, time_fn)
 from dualforce_mega.models.attention import (MaskSpec, _flash_attn_func, _flex, _mask_mod, _sdpa,
                                              block_attention, flex_block_mask_from_blocks, prefix_plan)
+from dualforce_mega.models.merged_attention import choose_kernel, merge_plan, merged_block_attention
 
 log = logging.getLogger("bench_attention")
 
@@ -57,6 +63,7 @@ class Row:
     tflops: Optional[float] = None
     ratio: Optional[float] = None
     ideal: Optional[float] = None
+    vs_dense: Optional[float] = None
     note: str = ""
 
 
@@ -135,27 +142,35 @@ def bench_case(frames: int, sp: int, args: argparse.Namespace, device: torch.dev
             row.note = "OOM" if is_oom(err) else f"failed: {type(err).__name__}: {str(err).splitlines()[0][:80]}"
         release(device)
         rows.append(row)
+        # progressively: a part cut short by a timeout keeps what it measured
+        print(f"# F={frames} P={sp} {name}: {fmt(row.ms)} ms {fmt(row.tflops)} TFLOP/s {row.note}", flush=True)
 
-    # block-causal backends
+    # ours first, then what it is compared with (a part cut short keeps the most important rows)
+    if "merged" in args.backends:
+        plan = merge_plan(spec)
+        kernel = choose_kernel(device, dtype, args.head_dim).name
+        run("merged", lambda a, b, c: block_attention(a, b, c, spec, "merged"), pairs,
+            note=f"{len(plan.groups)} batched calls via {kernel}")
+        for name in args.merged_kernels if frames in args.variant_frames else []:
+            run(f"merged:{name}", lambda a, b, c, name=name: merged_block_attention(a, b, c, spec, kernel=name),
+                pairs, note=f"{len(plan.groups)} batched calls via {name}")
+    for name, fn in full_kernels(device, dtype).items():  # full attention, same shape
+        run(name, fn, tokens * tokens)
+    flex_here = _flex() is not None and device.type == "cuda"
     if "flex" in args.backends:
-        if _flex() is None:
-            rows.append(Row(frames, sp, heads, tokens, "flex", note="skipped: flex_attention unavailable"))
-        elif device.type != "cuda":
-            rows.append(Row(frames, sp, heads, tokens, "flex", ideal=ideal,
-                            note="skipped: FlexAttention has no CPU backward"))
-        else:
+        if flex_here:
             run("flex", lambda a, b, c: block_attention(a, b, c, spec, "flex"), pairs)
-    if "flash" in args.backends:
-        kernel = "flash_attn" if _flash_attn_func() is not None and device.type == "cuda" else "torch fused SDPA"
-        run("flash", lambda a, b, c: block_attention(a, b, c, spec, "flash"), pairs,
-            note=f"{frames} prefix calls via {kernel}")
+        else:
+            rows.append(Row(frames, sp, heads, tokens, "flex", ideal=ideal,
+                            note="skipped: " + ("FlexAttention has no CPU backward" if _flex() is not None
+                                                else "flex_attention unavailable")))
     if "sdpa" in args.backends:
         need = tokens * tokens * MASK_BYTES_PER_PAIR[dtype]
         budget = free_memory(device) * MEMORY_HEADROOM
-        if need > budget:
+        if need > budget or frames > args.dense_max_frames:
             rows.append(Row(frames, sp, heads, tokens, "sdpa", ideal=ideal,
                             note=f"skipped: dense {tokens}x{tokens} mask needs {need / 2**30:.0f} GiB "
-                                 f"> {budget / 2**30:.0f} GiB free"))
+                                 f"(free {budget / 2**30:.0f} GiB, --dense-max-frames {args.dense_max_frames})"))
         else:
             try:
                 mask = spec.allowed().to(device)  # built once: time the kernel, not the mask upload
@@ -166,16 +181,40 @@ def bench_case(frames: int, sp: int, args: argparse.Namespace, device: torch.dev
                     raise
                 rows.append(Row(frames, sp, heads, tokens, "sdpa", ideal=ideal, note="OOM building the mask"))
             release(device)
-    # full attention, same shape
-    for name, fn in full_kernels(device, dtype).items():
-        run(name, fn, tokens * tokens)
+    if "flash" in args.backends:
+        kernel = "flash_attn" if _flash_attn_func() is not None and device.type == "cuda" else "torch fused SDPA"
+        run("flash", lambda a, b, c: block_attention(a, b, c, spec, "flash"), pairs,
+            note=f"{frames} prefix calls via {kernel}")
+    if "flex" in args.backends and flex_here and args.flex_options and frames in args.variant_frames:
+        options = json.loads(args.flex_options)
+        flex_fn = _flex()[0]
+        flex_mask = flex_block_mask_from_blocks(spec, device)
+
+        def tuned(a, b, c):
+            out = flex_fn(a.transpose(1, 2), b.transpose(1, 2), c.transpose(1, 2), block_mask=flex_mask,
+                          kernel_options=options)
+            return out.transpose(1, 2)
+        run("flex:tuned", tuned, pairs, note=args.flex_options)
     full_ms = [r.ms for r in rows if r.backend.startswith("full") and r.ms is not None]
-    if full_ms:
-        best = min(full_ms)
-        for r in rows:
-            if r.ms is not None:
-                r.ratio = r.ms / best
+    dense_ms = [r.ms for r in rows if r.backend == "sdpa" and r.ms is not None]
+    for r in rows:
+        if r.ms is not None:
+            r.ratio = r.ms / min(full_ms) if full_ms else None
+            r.vs_dense = r.ms / dense_ms[0] if dense_ms else None
+    print("\n".join(summary_lines(rows)), flush=True)
     return rows
+
+
+def summary_lines(rows: list[Row]) -> list[str]:
+    """Per shape: ours (merged) / best full kernel, ours / dense mask, flex / best full kernel."""
+    lines = []
+    for key in sorted({(r.frames, r.sp) for r in rows}):
+        case = {r.backend: r for r in rows if (r.frames, r.sp) == key}
+        ours, flex = case.get("merged"), case.get("flex")
+        lines.append(f"# F={key[0]} P={key[1]}: merged / best full {fmt(ours.ratio if ours else None)}, "
+                     f"merged / dense mask {fmt(ours.vs_dense if ours else None)}, "
+                     f"flex / best full {fmt(flex.ratio if flex else None)}, ideal {fmt(ours.ideal if ours else None)}")
+    return lines
 
 
 @dataclass
@@ -218,7 +257,15 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--tokens-per-frame", type=int, default=1024, help="video tokens per latent frame (512^2)")
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--backends", default="flex,flash,sdpa")
+    p.add_argument("--backends", default="flex,merged,flash,sdpa")
+    p.add_argument("--dense-max-frames", type=int, default=32, help="skip the dense-mask sdpa row above this F "
+                                                                      "(its L^2 mask takes long to build)")
+    p.add_argument("--merged-kernels", default="", help="also time merged with these piece kernels, comma list "
+                                                         "(cudnn, flash, efficient; cpu_flash on CPU)")
+    p.add_argument("--flex-options", default="", help="JSON kernel_options for a flex:tuned row, e.g. "
+                                                      "'{\"BLOCK_M\": 128, \"BLOCK_N\": 128}'")
+    p.add_argument("--variant-frames", default="", help="F values for the merged:<kernel> / flex:tuned rows "
+                                                        "(default: all)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--max-seconds", type=float, default=20.0, help="measuring time cap per kernel and shape")
@@ -231,6 +278,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         args.frames, args.sp, args.heads, args.head_dim, args.tokens_per_frame = "2,4", "1,2", 2, 16, 16
         args.warmup, args.iters, args.max_seconds = 1, 2, 0.0
     args.frames, args.sp, args.backends = csv_list(args.frames, int), csv_list(args.sp, int), csv_list(args.backends)
+    args.merged_kernels = csv_list(args.merged_kernels)
+    args.variant_frames = csv_list(args.variant_frames, int) or args.frames
     for p_ in args.sp:
         if args.heads % p_:
             raise SystemExit(f"--sp {p_}: must divide --heads {args.heads} (Ulysses shards heads)")
@@ -242,7 +291,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = parse_args(argv)
     device, dtype = bench_device(args.cpu_smoke)
     if device.type == "cuda":
-        allow_recompiles(len(args.frames) * len(args.sp))
+        allow_recompiles(len(args.frames) * len(args.sp) * (2 if args.flex_options else 1))
     print(f"# block-causal attention, fwd+bwd — {device_name(device)}, {str(dtype).replace('torch.', '')}, "
           f"batch {args.batch}, {args.heads} heads x {args.head_dim}, {args.tokens_per_frame} tokens/frame")
     rows: list[Row] = []
@@ -250,10 +299,11 @@ def main(argv: Optional[list[str]] = None) -> None:
         for frames in args.frames:
             for sp in args.sp:
                 rows.extend(bench_case(frames, sp, args, device, dtype))
-        headers = ["F", "P", "heads", "tokens", "backend", "ms", "TFLOP/s", "ratio", "ideal", "note"]
+        headers = ["F", "P", "heads", "tokens", "backend", "ms", "TFLOP/s", "ratio", "ideal", "vs dense", "note"]
         print(markdown_table(headers, [[str(r.frames), str(r.sp), str(r.heads), str(r.tokens), r.backend,
-                                        fmt(r.ms), fmt(r.tflops), fmt(r.ratio), fmt(r.ideal), r.note]
+                                        fmt(r.ms), fmt(r.tflops), fmt(r.ratio), fmt(r.ideal), fmt(r.vs_dense), r.note]
                                        for r in rows]))
+        print("\n".join(summary_lines(rows)))
     mask_rows: list[MaskRow] = []
     if not args.no_mask_build and _flex() is not None:
         mask_rows = [bench_mask_build(f, args, device) for f in args.frames]

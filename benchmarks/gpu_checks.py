@@ -72,7 +72,9 @@ class Setup:
         return Setup(torch.device("cuda"), torch.bfloat16, torch.float32)
 
 
-def _backends(setup: Setup, backward: bool) -> list[str]:
+def _backends(setup: Setup, backward: bool, only: Optional[list[str]] = None) -> list[str]:
+    if only:
+        return list(only)
     names = ["flash", "merged"]
     if _flex() is not None and (setup.device.type == "cuda" or not backward):
         names.append("flex")  # FlexAttention has no CPU backward
@@ -83,8 +85,9 @@ def _rel(err: float, scale: float) -> float:
     return err / max(scale, 1e-30)
 
 
-def attention_check(setup: Setup, frames: int, sp: int, backward: bool) -> list[Check]:
-    """Backends vs the dense reference on [1, F*T, heads/sp, D] q/k/v."""
+def attention_check(setup: Setup, frames: int, sp: int, backward: bool, only: Optional[list[str]] = None
+                    ) -> list[Check]:
+    """Backends (all that run here, or ``only``) vs the dense reference on [1, F*T, heads/sp, D] q/k/v."""
     heads = setup.heads // sp
     n = frames * setup.tokens_per_frame
     ids = torch.arange(frames).repeat_interleave(setup.tokens_per_frame)
@@ -113,7 +116,7 @@ def attention_check(setup: Setup, frames: int, sp: int, backward: bool) -> list[
     low = run(lambda a, b, c: _sdpa(a, b, c, mask), setup.dtype)
     del mask
     checks = []
-    for name in _backends(setup, backward):
+    for name in _backends(setup, backward, only):
         got = run(lambda a, b, c, name=name: block_attention(a, b, c, spec, name), setup.dtype)
         worst, detail = 0.0, []
         for label, r, lo, g in zip(("out", "dq", "dk", "dv"), reference, low, got):

@@ -1,6 +1,7 @@
 """One table from a GPU-suite output folder: every figure of benchmarks/RESULTS.md next to its target.
 
-  python benchmarks/summarize.py out/gpu_suite/<run>      # reads checks.json, attention.json, train_step.json
+  python benchmarks/summarize.py out/gpu_suite/<run>      # reads checks.json, attention.json, train_step.json,
+                                                          # stream.json (whichever exist)
 """
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ from typing import Any, Optional
 
 from common import fmt, markdown_table  # noqa: I100
 
-# targets (benchmarks/RESULTS.md)
-TARGET_CAUSAL_OVER_FULL_F32 = 0.6
+# targets (benchmarks/RESULTS.md): block-causal / best full attention, fwd+bwd, by latent frames F (P = 1)
+TARGET_CAUSAL_OVER_FULL = {8: 0.75, 32: 0.6, 128: 0.6}
+TARGET_STREAM_FPS = 25.0          # real time: video frames per second of sampling
+TARGET_FIRST_FRAME_S = 1.0
 TARGET_PHASE4_MFU = 0.40
 TARGET_FP8_SPEEDUP = 1.2
 TARGET_FP8_LOSS_REL = 0.02
@@ -46,11 +49,29 @@ def attention_rows(data: dict) -> list[list[str]]:
                 rows.append([label, r["note"] or "-", "-", "-"])
                 continue
             ratio = r["ratio"]
-            target = TARGET_CAUSAL_OVER_FULL_F32 if frames == 32 and sp == 1 else None
+            target = TARGET_CAUSAL_OVER_FULL.get(frames) if sp == 1 else None
             measured = (f"{fmt(ratio)} ({fmt(r['ms'])} ms vs {fmt(best_full['ms'])} ms {best_full['backend']}; "
                         f"{fmt(r['tflops'])} TFLOP/s; ideal {fmt(r['ideal'])})") if best_full else fmt(r["ms"])
             rows.append([label, measured, f"<= {target}" if target else "-",
                          _met(ratio, target, False) if target else "-"])
+    return rows
+
+
+def stream_rows(data: dict, tag: str = "") -> list[list[str]]:
+    rows = []
+    for r in data["rows"]:
+        label = f"sampling {r['path']}{tag}, {r['video_frames']} video frames"
+        if r["fps"] is None:
+            rows.append([label, r["note"] or "-", "-", "-"])
+            continue
+        measured = f"{fmt(r['fps'])} video fps, {fmt(r['ms_per_call'])} ms/call, {fmt(r['kv_mib'])} MiB KV"
+        static = r["path"] == "static"
+        rows.append([label, measured + (f"; {r['note']}" if r["note"] else ""),
+                     f">= {TARGET_STREAM_FPS:g} fps" if static else "-",
+                     _met(r["fps"], TARGET_STREAM_FPS, True) if static else "-"])
+        rows.append([f"first-frame latency, {r['path']}{tag}", f"{fmt(r['first_frame_s'])} s",
+                     f"< {TARGET_FIRST_FRAME_S:g} s" if static else "-",
+                     _met(r["first_frame_s"], TARGET_FIRST_FRAME_S, False) if static else "-"])
     return rows
 
 
@@ -95,12 +116,14 @@ def check_rows(data: dict) -> list[list[str]]:
 def summarize(folder: Path) -> str:
     rows: list[list[str]] = []
     sources: list[tuple[str, Any]] = [("checks.json", check_rows), ("attention.json", attention_rows),
-                                      ("train_step.json", train_rows)]
+                                      ("train_step.json", train_rows), ("stream.json", stream_rows),
+                                      ("stream_cfg.json", lambda d: stream_rows(d, " (audio CFG, 2 branches)"))]
     devices = set()
     for name, fn in sources:
         data = _load(folder, name)
         if data is None:
-            rows.append([name.replace(".json", ""), "not run", "-", "-"])
+            if not name.startswith("stream"):  # optional
+                rows.append([name.replace(".json", ""), "not run", "-", "-"])
             continue
         devices.add(data.get("device", ""))
         rows += fn(data)

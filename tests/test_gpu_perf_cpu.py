@@ -319,9 +319,10 @@ def test_bench_attention_cpu_smoke_table(suite_dir: Path) -> None:
     heads, head_dim, tpf = 2, 16, 16  # --cpu-smoke shapes
     for (frames, sp) in cases:
         case = {r["backend"]: r for r in rows if (int(r["F"]), int(r["P"])) == (frames, sp)}
-        assert {"flex", "flash", "sdpa", "full:sdpa"} <= case.keys()
+        assert {"flex", "merged", "flash", "sdpa", "full:sdpa"} <= case.keys()
         assert float(case["full:sdpa"]["ratio"]) == 1.0
-        for name in ("flash", "sdpa"):
+        assert float(case["sdpa"]["vs dense"]) == 1.0
+        for name in ("merged", "flash", "sdpa"):
             r = case[name]
             assert float(r["ideal"]) == pytest.approx((frames + 1) / (2 * frames), rel=1e-3)
             # TFLOP/s counts only the allowed pairs: T^2 F(F+1)/2 per head, fwd + 2.5x bwd
@@ -406,3 +407,32 @@ def test_torch_fp8_linear_zero_gradient_stays_finite() -> None:
     assert torch.equal(x.grad, torch.zeros_like(x)) and torch.equal(lin.weight.grad, torch.zeros_like(lin.weight))
     y = lin(torch.zeros(3, 32))
     assert torch.equal(y, lin.bias.detach().expand(3, -1))
+
+
+def test_bench_stream_cpu_smoke_table(suite_dir: Path) -> None:
+    """The streaming benchmark runs torch-only; its three paths agree and the static cache stays flat."""
+    out = _run_torch_only("bench_stream.py", "--cpu-smoke", "--json", str(suite_dir / "stream.json"))
+    rows = {r["path"]: r for r in parse_markdown_tables(out)[0]}
+    assert rows.keys() == {"cached", "static", "recompute"}
+    assert "cache flat" in rows["static"]["note"]
+    diff = float(rows["static"]["note"].split("max abs diff ")[1])
+    assert diff < 1e-5
+    assert all(float(r["fps"]) > 0 and float(r["first frame s"]) > 0 for r in rows.values())
+
+
+@pytest.mark.slow
+def test_gpu_17_script_cpu_dry_run(tmp_path: Path) -> None:
+    """benchmarks/gpu_17.sh end to end with tiny CPU shapes: every part exits 0 and the summary holds
+    the correctness checks (all passed), the attention rows and the streaming rows."""
+    import os
+
+    proc = subprocess.run(["bash", "benchmarks/gpu_17.sh", "--cpu-dry-run"], cwd=REPO, capture_output=True,
+                          text=True, timeout=900, env={**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    log = (tmp_path / "gpu17.log").read_text()
+    for part in ("checks", "attention", "stream", "cfg"):
+        assert f"== {part}: exit 0" in log, log[-3000:]
+    summary = {r["figure"]: r for r in parse_markdown_tables((tmp_path / "summary.md").read_text())[0]}
+    assert summary["GPU correctness checks"]["met"] == "yes"
+    assert any(f.startswith("attention fwd+bwd F=4 P=1 merged") for f in summary)
+    assert "sampling static, 13 video frames" in summary and "first-frame latency, static" in summary
