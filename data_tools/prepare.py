@@ -41,6 +41,8 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     ap.add_argument("--workers", type=int, default=1, help="processes for the CPU steps 01 / 02")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] for the networks")
     ap.add_argument("--mode", choices=MODES, help="talking-head (default) or video (Phase 2: no face / audio)")
+    ap.add_argument("--face-detector", choices=["haar", "s3fd"], help="haar (default, offline) or s3fd")
+    ap.add_argument("--face-weights", help="S3FD weights (s3fd-619a316812.pth) for --face-detector s3fd")
     ap.add_argument("--aligned", action="store_true", help="inputs are aligned face crops (VFHQ-512): no detection")
     ap.add_argument("--dataset", help="dataset name for the metadata (default: first folder under --src)")
     ap.add_argument("--preset", default=None, help="model preset whose dims the shards match (default lite; "
@@ -60,6 +62,10 @@ def options_from_args(args: argparse.Namespace, steps: Sequence[str]) -> Prepare
         cfg.clip.size = args.size
     if args.aligned:
         cfg.clip.aligned = True
+    if args.face_detector:
+        cfg.clip.detector = args.face_detector
+    if args.face_weights:
+        cfg.clip.detector_weights = args.face_weights
     preset = args.preset or ("tiny" if args.random_models else "lite")
     return PrepareOptions(src=args.src, out=args.out, config=cfg, vae=args.vae, audio_encoder=args.audio_encoder,
                           audio_layer=args.audio_layer, motion_extractor=args.motion_extractor,

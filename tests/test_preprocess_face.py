@@ -86,3 +86,36 @@ def test_face_stays_in_fixed_crop(size):
         assert len(f) >= 1
         cc = (f.boxes[:, :2] + f.boxes[:, 2:]).mean(0) / 2
         assert np.abs(cc - size / 2).max() < 0.1 * size
+
+
+def test_s3fd_loads_official_layout_strictly_and_decodes_anchors(tmp_path):
+    import torch
+    from dualforce_mega.preprocess.s3fd import S3FD, decode_level, nms
+    torch.manual_seed(0)
+    sd = S3FD().state_dict()
+    # the official file's key names (face-alignment net_s3fd.py)
+    for k in ("conv1_1.weight", "fc6.bias", "conv3_3_norm.weight", "conv3_3_norm_mbox_conf.weight",
+              "conv7_2_mbox_loc.bias"):
+        assert k in sd
+    assert sd["conv3_3_norm_mbox_conf.weight"].shape == (4, 256, 3, 3) and float(sd["conv4_3_norm.weight"][0]) == 8
+    torch.save(sd, tmp_path / "s3fd.pth")
+    det = build_detector("s3fd", weights=tmp_path / "s3fd.pth", threshold=0.0)
+    frames = np.random.default_rng(0).integers(0, 255, (3, 64, 64, 3), dtype=np.uint8)
+    out = det.detect(frames)
+    assert len(out) == 3 and all(f.boxes.shape[1:] == (4,) for f in out)
+    torch.save({k: v for k, v in sd.items() if k != "fc7.bias"}, tmp_path / "bad.pth")
+    with pytest.raises(Exception, match="bad.pth"):
+        build_detector("s3fd", weights=tmp_path / "bad.pth")
+    # decoding: one confident anchor at (x=2, y=1) of the stride-8 map; loc shifts x by 1 -> 0.1 * 32
+    cls = torch.zeros(1, 2, 4, 4)
+    cls[0, 0] = 10.0                              # background everywhere ...
+    cls[0, 1, 1, 2], cls[0, 0, 1, 2] = 10.0, 0.0  # ... but one face
+    loc = torch.zeros(1, 4, 4, 4)
+    loc[0, 0, 1, 2] = 1.0
+    loc[0, 2, 1, 2] = np.log(2) / 0.2            # width doubles: 64
+    b, boxes, score = decode_level(cls, loc, 8)
+    assert b.tolist() == [0] and float(score[0]) > 0.99
+    cx, cy = 4 + 2 * 8 + 0.1 * 32, 4 + 1 * 8
+    np.testing.assert_allclose(boxes[0].numpy(), [cx - 32, cy - 16, cx + 32, cy + 16], atol=1e-4)
+    keep = nms(np.array([[0, 0, 10, 10], [1, 1, 11, 11], [20, 20, 30, 30]], np.float32), np.array([0.5, 0.9, 0.7]), 0.3)
+    assert keep.tolist() == [1, 2]

@@ -4,6 +4,7 @@ pipeline (step 01), the evaluation crops (FID / CSIM / Sync) and the LatentSync 
 API (frames are always uint8 RGB ``[T, H, W, 3]`` numpy arrays; boxes are ``x0, y0, x1, y1`` pixels)::
 
     det = build_detector("haar")                     # offline default, weights ship in opencv<5
+    det = build_detector("s3fd", weights="s3fd-619a316812.pth", device="cuda")   # stronger, batched
     faces = det.detect(frames)                       # list[Faces], one per frame (batched)
     track = track_face(faces, num_frames=T)          # one face over the clip (IoU linking)
     box = clip_crop_box(track, frame_hw=(H, W), scale=1.8)   # ONE square box for the whole clip
@@ -12,16 +13,18 @@ API (frames are always uint8 RGB ``[T, H, W, 3]`` numpy arrays; boxes are ``x0, 
     crops = crop_frames(frames, square_boxes(per_frame, 1.4), size=224)
 
 ``Faces`` holds per-frame ``boxes [K, 4]``, ``scores [K]`` and, when the detector gives them,
-``landmarks [K, P, 2]`` with names ``landmark_names`` (Haar gives none). A stronger detector plugs in
-by implementing :class:`FaceDetector` (``detect(frames) -> list[Faces]``) and a name in
-:func:`build_detector`; tracking and cropping do not change.
+``landmarks [K, P, 2]`` with names ``landmark_names`` (Haar and S3FD give none; 5-point alignment
+uses FaceMesh, see ``metrics.crops``). Another detector plugs in by implementing
+:class:`FaceDetector` (``detect(frames) -> list[Faces]``) and a name in :func:`build_detector`;
+tracking and cropping do not change.
 
 Why Haar is the default: the frontal-face cascade ships inside the ``opencv-python<5`` wheel the
 pipeline needs anyway (Laplacian blur, resizing), installs with no dependency conflicts (mediapipe
 0.10.21 pins numpy<2 / protobuf 4 and facenet-pytorch pins torch<2.3 and needs torchvision) and runs
 on any CPU. Its weaknesses -- frontal only, occasional false positives, box jitter, no landmarks --
 are what the tracker (largest consistent IoU track, gaps bridged by interpolation) and the fixed
-per-clip crop absorb.
+per-clip crop absorb. With S3FD weights (the SyncNet reference pipeline's detector) detection runs
+batched on the GPU and handles profiles and small faces.
 """
 from __future__ import annotations
 
@@ -113,19 +116,23 @@ class HaarDetector:
         return out
 
 
-DETECTORS = {"haar": HaarDetector}
+DETECTORS = ("haar", "s3fd")
 
 
 def build_detector(name: str = "haar", weights: Union[str, Path, None] = None, device: str = "cpu",
                    **kwargs) -> FaceDetector:
-    """A detector by name (``DETECTORS``); ``weights`` / ``device`` for detectors that load a network."""
-    if name not in DETECTORS:
-        raise ValueError(f"face detector {name!r}: expected one of {sorted(DETECTORS)}")
+    """``haar`` (offline default, no weights) or ``s3fd`` (``weights``: the official
+    ``s3fd-619a316812.pth``, run batched on ``device``; :mod:`.s3fd`)."""
     if name == "haar":
         if weights is not None:
             raise ValueError("the haar detector uses the cascade inside opencv; it takes no weights path")
         return HaarDetector(**kwargs)
-    return DETECTORS[name](weights=weights, device=device, **kwargs)
+    if name == "s3fd":
+        if weights is None:
+            raise ValueError("face detector s3fd needs its weights (--face-weights s3fd-619a316812.pth)")
+        from .s3fd import S3FDDetector
+        return S3FDDetector.from_path(weights, device, **kwargs)
+    raise ValueError(f"face detector {name!r}: expected one of {DETECTORS}")
 
 
 def detect_strided(detector: FaceDetector, frames: np.ndarray, every: int) -> list[Optional[Faces]]:

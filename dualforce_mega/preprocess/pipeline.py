@@ -200,7 +200,8 @@ def run_step01(opts: PrepareOptions, sources: list[Source], manifest: Manifest, 
             continue
         jobs.append({"path": str(s.path), "input_id": s.input_id, "out_dir": str(base / s.input_id),
                      "record": str(rec_path), "clip": clip_cfg, "mode": opts.config.mode, "stride": stride,
-                     "device": "cpu", "info": s.info})
+                     "device": "cpu" if opts.config.clip.detector == "haar" else str(resolve_device(opts.device)),
+                     "info": s.info})
     t0 = time.perf_counter()
     for rec in parallel_map(_step01_one, jobs, opts.workers, "01 clips"):
         records.append(rec)
