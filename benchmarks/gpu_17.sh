@@ -60,7 +60,7 @@ else
     part stream 80 "$PYTHON" benchmarks/bench_stream.py --preset lite --latent-hw 64 64 --steps 8 \
         --latent-frames 9 --recompute-frames 5 --json "$OUT/stream.json"
     part cfg 35 "$PYTHON" benchmarks/bench_stream.py --preset lite --latent-hw 64 64 --steps 8 \
-        --latent-frames 9 --paths cached,static --cfg-audio 2.0 --json "$OUT/stream_cfg.json"
+        --latent-frames 5 --paths cached,static --cfg-audio 2.0 --json "$OUT/stream_cfg.json"
 fi
 
 say ""
