@@ -186,13 +186,13 @@ def live_tensors() -> list[torch.Tensor]:
                 if isinstance(o, torch.Tensor) and o.device.type == "cpu" and _has_real_storage(o)]
 
 
-def retained_bytes_per_chunk(model, cfg: DiffusionConfig, inp: SampleInputs) -> list[int]:
+def retained_bytes_per_chunk(model, cfg: DiffusionConfig, inp: SampleInputs, **sampler_kw) -> list[int]:
     """What the sampler keeps alive between chunks (history, caches, state), chunk by chunk,
     with the caller dropping every yielded chunk (streaming)."""
     gc.collect()
     before = {o.untyped_storage().data_ptr() for o in live_tensors()}
     sizes = []
-    for chunk in ARSampler(model, cfg, use_cache=True).generate(inp):
+    for chunk in ARSampler(model, cfg, use_cache=True, **sampler_kw).generate(inp):
         del chunk
         sizes.append(live_tensor_bytes(before))
     return sizes

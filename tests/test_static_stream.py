@@ -2,14 +2,12 @@
 keeps its buffers across generations, and holds memory flat as the video grows."""
 from __future__ import annotations
 
-import gc
-
 import pytest
 import torch
 
 from dualforce_mega.config import DiffusionConfig
 from dualforce_mega.diffusion.sampler import ARSampler, num_latent_frames
-from test_sampler import TOL, inputs, live_tensor_bytes, live_tensors, randomized_model
+from test_sampler import TOL, inputs, randomized_model, retained_bytes_per_chunk
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -62,24 +60,14 @@ def test_second_generation_reuses_the_buffers(model):
     assert (video - v_ref).abs().max() < TOL and (struct - s_ref).abs().max() < TOL
 
 
-def _retained_bytes(model, cfg: DiffusionConfig, inp) -> list[int]:
-    gc.collect()
-    before = {o.untyped_storage().data_ptr() for o in live_tensors()}
-    sizes = []
-    for chunk in ARSampler(model, cfg, static=True).generate(inp):
-        del chunk
-        sizes.append(live_tensor_bytes(before))
-    return sizes
-
-
 def test_memory_flat_as_the_video_grows(model):
     """With a window, every chunk after the first leaves exactly the same live tensor bytes, for 65
     and for 129 video frames: the cache is allocated once and never grows."""
     cfg = DiffusionConfig(sample_steps=1, window_blocks=3)
     motion = torch.zeros(1, 70)
-    _retained_bytes(model, cfg, inputs(3, ref_motion=motion))  # lazily built module caches
-    short = _retained_bytes(model, cfg, inputs(num_latent_frames(65, 4), ref_motion=motion))
-    long = _retained_bytes(model, cfg, inputs(num_latent_frames(129, 4), ref_motion=motion))
+    retained_bytes_per_chunk(model, cfg, inputs(3, ref_motion=motion), static=True)  # lazily built module caches
+    short = retained_bytes_per_chunk(model, cfg, inputs(num_latent_frames(65, 4), ref_motion=motion), static=True)
+    long = retained_bytes_per_chunk(model, cfg, inputs(num_latent_frames(129, 4), ref_motion=motion), static=True)
     assert len(set(long[1:])) == 1 and set(short[1:]) == set(long[1:])
     stats = ARSampler(model, cfg, static=True)
     stats.sample(inputs(num_latent_frames(65, 4), ref_motion=motion))
