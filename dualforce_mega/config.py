@@ -138,6 +138,7 @@ class ParallelConfig:
 class RunConfig:
     dir: str = "runs/default"
     name: str = "dualforce"
+    task: str = "dualforce"               # what the trainer trains: dualforce | faceformer (TASK_CONFIGS)
     tensorboard: bool = True
     log_samples: bool = False             # also log each step's global sample indices (debug / tests)
 
@@ -168,6 +169,9 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 _SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+DEFAULT_TASK = "dualforce"
+# other trainable tasks: the module whose ``build_config(raw, source)`` turns the sections into its config
+TASK_CONFIGS = {"faceformer": "dualforce_mega.baselines.faceformer.config"}
 
 
 def model_preset(name: str, **overrides: Any) -> ModelConfig:
@@ -271,9 +275,9 @@ def _set_field(section_obj: Any, section: str, name: str, value: Any) -> None:
     setattr(section_obj, name, _coerce(f"{section}.{name}", hints[name], value))
 
 
-def _suggest(section: str) -> str:
-    close = difflib.get_close_matches(section, list(_SECTIONS), n=1)
-    return (f" (did you mean {close[0]}?" if close else " (") + f" sections: {sorted(_SECTIONS)})"
+def _suggest(section: str, sections: Any = _SECTIONS) -> str:
+    close = difflib.get_close_matches(section, list(sections), n=1)
+    return (f" (did you mean {close[0]}?" if close else " (") + f" sections: {sorted(sections)})"
 
 
 def _parse_override(item: str) -> tuple[str, str, Any]:
@@ -287,17 +291,21 @@ def _parse_override(item: str) -> tuple[str, str, Any]:
     return section.strip(), name.strip(), value
 
 
-def build_config(yaml_dict: Optional[dict] = None, overrides: Optional[list[str]] = None,
-                 source: str = "<dict>") -> Config:
-    """Config from a nested dict (as read from YAML) plus ``section.key=value`` overrides.
+def fill_sections(cfg: Any, raw: dict[str, dict[str, Any]], source: str) -> Any:
+    """Set ``raw[section][key]`` on the config dataclass ``cfg`` (a YAML file's values, or the typed
+    text of ``--set``); unknown sections and keys fail naming them."""
+    sections = {f.name for f in dataclasses.fields(cfg)}
+    for section, body in raw.items():
+        if section not in sections:
+            raise ConfigError(f"{source}: {section}: unknown section{_suggest(section, sections)}")
+        for name, value in body.items():
+            _set_field(getattr(cfg, section), section, name, value)
+    return cfg
 
-    The model preset is applied first, so explicit model keys in the file or on the command
-    line win over the preset's values.
-    """
+
+def _collect(yaml_dict: Optional[dict], overrides: Optional[list[str]], source: str) -> dict[str, dict[str, Any]]:
     raw: dict[str, dict[str, Any]] = {}
     for section, body in (yaml_dict or {}).items():
-        if section not in _SECTIONS:
-            raise ConfigError(f"{source}: {section}: unknown section{_suggest(section)}")
         if body is None:
             continue
         if not isinstance(body, dict):
@@ -305,18 +313,33 @@ def build_config(yaml_dict: Optional[dict] = None, overrides: Optional[list[str]
         raw.setdefault(section, {}).update(body)
     for item in overrides or []:
         section, name, value = _parse_override(item)
-        if section not in _SECTIONS:
-            raise ConfigError(f"{section}.{name}: unknown section{_suggest(section)}")
         raw.setdefault(section, {})[name] = value
+    return raw
 
+
+def build_config(yaml_dict: Optional[dict] = None, overrides: Optional[list[str]] = None,
+                 source: str = "<dict>") -> Any:
+    """Config from a nested dict (as read from YAML) plus ``section.key=value`` overrides.
+
+    ``run.task`` picks the schema: DualForce's :class:`Config` by default, another task's config
+    (``TASK_CONFIGS``) otherwise. For DualForce the model preset is applied first, so explicit model
+    keys in the file or on the command line win over the preset's values.
+    """
+    raw = _collect(yaml_dict, overrides, source)
+    task = str(raw.get("run", {}).get("task", DEFAULT_TASK))
+    if task != DEFAULT_TASK:
+        if task not in TASK_CONFIGS:
+            raise ConfigError(f"run.task: unknown task {task!r} (known: {sorted([DEFAULT_TASK, *TASK_CONFIGS])})")
+        import importlib
+        return importlib.import_module(TASK_CONFIGS[task]).build_config(raw, source)
+    for section in raw:
+        if section not in _SECTIONS:
+            where = f"{source}: {section}" if section in (yaml_dict or {}) else f"{section}.{next(iter(raw[section]))}"
+            raise ConfigError(f"{where}: unknown section{_suggest(section)}")
     cfg = Config()
     model_raw = dict(raw.get("model", {}))
-    preset = model_raw.pop("preset", "tiny")
-    cfg.model = model_preset(str(preset))
-    for section, body in raw.items():
-        obj = getattr(cfg, section)
-        for name, value in (model_raw if section == "model" else body).items():
-            _set_field(obj, section, name, value)
+    cfg.model = model_preset(str(model_raw.pop("preset", "tiny")))
+    fill_sections(cfg, {**raw, "model": model_raw}, source)
     validate(cfg)
     return cfg
 
@@ -422,6 +445,20 @@ def validate(cfg: Config) -> None:
     if t.phase == 4:
         _require(cfg.model.struct_tower or cfg.model.audio, "train.phase",
                  "phase 4 needs model.struct_tower or model.audio")
+    validate_train(t)
+    _require(p.sp >= 1, "parallel.sp", "must be >= 1")
+    _require(cfg.model.heads % p.sp == 0, "parallel.sp",
+             f"sp={p.sp} must divide model.heads={cfg.model.heads} (Ulysses shards heads)")
+    _require(p.zero_stage in (0, 1, 2, 3), "parallel.zero_stage", "must be 0, 1, 2 or 3")
+    _require(cfg.run.task == DEFAULT_TASK, "run.task", f"{cfg.run.task!r} has its own config schema (TASK_CONFIGS)")
+    _require(data.window >= 2, "data.window",
+             "must be >= 2 latent frames (the clean reference frame plus at least one)")
+    _require(bool(data.shards) or data.synthetic_frames >= data.window, "data.synthetic_frames",
+             f"synthetic_frames={data.synthetic_frames} must be >= data.window={data.window}")
+
+
+def validate_train(t: TrainConfig) -> None:
+    """The ``train`` keys every task's trainer reads."""
     _require(t.steps >= 0, "train.steps", "must be >= 0")
     _require(t.micro_batch >= 1, "train.micro_batch", "must be >= 1")
     _require(t.global_batch >= t.micro_batch and t.global_batch % t.micro_batch == 0,
@@ -435,11 +472,3 @@ def validate(cfg: Config) -> None:
              f"{t.precision!r} is not one of auto, fp32, bf16")
     _require(t.fp8_recipe in ("delayed", "current"), "train.fp8_recipe",
              f"{t.fp8_recipe!r} is not one of delayed, current")
-    _require(p.sp >= 1, "parallel.sp", "must be >= 1")
-    _require(cfg.model.heads % p.sp == 0, "parallel.sp",
-             f"sp={p.sp} must divide model.heads={cfg.model.heads} (Ulysses shards heads)")
-    _require(p.zero_stage in (0, 1, 2, 3), "parallel.zero_stage", "must be 0, 1, 2 or 3")
-    _require(data.window >= 2, "data.window",
-             "must be >= 2 latent frames (the clean reference frame plus at least one)")
-    _require(bool(data.shards) or data.synthetic_frames >= data.window, "data.synthetic_frames",
-             f"synthetic_frames={data.synthetic_frames} must be >= data.window={data.window}")

@@ -12,7 +12,7 @@ from typing import Union
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoConfig, HubertConfig, HubertModel, Wav2Vec2Model
+from transformers import AutoConfig, HubertConfig, HubertModel, Wav2Vec2Config, Wav2Vec2Model
 
 log = logging.getLogger(__name__)
 
@@ -48,23 +48,14 @@ class SpeechEncoder:
     @classmethod
     def from_pretrained(cls, path: Union[str, Path], device: torch.device, dtype: torch.dtype,
                         layer: int = -1) -> "SpeechEncoder":
-        if not Path(path).is_dir():
-            raise FileNotFoundError(f"{path}: audio encoder directory not found (transformers layout)")
-        kind = AutoConfig.from_pretrained(str(path)).model_type
-        if kind not in AUDIO_ENCODERS:
-            raise ValueError(f"{path}/config.json: model_type {kind!r} is not one of {sorted(AUDIO_ENCODERS)}")
-        model = AUDIO_ENCODERS[kind].from_pretrained(str(path), torch_dtype=dtype).to(device)
-        normalize = True
-        prep = Path(path) / "preprocessor_config.json"
-        if prep.is_file():
-            normalize = bool(json.loads(prep.read_text()).get("do_normalize", True))
-        return cls(model, layer=layer, normalize=normalize)
+        model, normalize = load_speech_model(path, dtype)
+        return cls(model.to(device), layer=layer, normalize=normalize)
 
     @torch.no_grad()
     def _hidden(self, wave: torch.Tensor) -> torch.Tensor:
         x = wave.to(self.device, torch.float32)
-        if self.normalize:  # Wav2Vec2FeatureExtractor's zero-mean unit-variance
-            x = (x - x.mean()) / torch.sqrt(x.var(unbiased=False) + 1e-7)
+        if self.normalize:
+            x = normalize_wave(x)
         out = self.model(x[None].to(self.dtype), output_hidden_states=self.layer != -1)
         h = out.last_hidden_state if self.layer == -1 else out.hidden_states[self.layer]
         return h[0].float()
@@ -73,9 +64,7 @@ class SpeechEncoder:
     def encode(self, wave: torch.Tensor, num_video_frames: int, fps: int, per_frame: int) -> torch.Tensor:
         """wave [S] at 16 kHz covering ``num_video_frames / fps`` s -> features [per_frame * frames, dim]."""
         feats = self.hidden_states(wave)
-        # [T, D] -> [target, D], linear in time over the clip
-        target = per_frame * num_video_frames
-        return F.interpolate(feats.t()[None], size=target, mode="linear", align_corners=False)[0].t()
+        return to_feature_slots(feats, per_frame * num_video_frames)
 
     @torch.no_grad()
     def hidden_states(self, wave: torch.Tensor) -> torch.Tensor:
@@ -91,10 +80,40 @@ class SpeechEncoder:
         return torch.cat(pieces)
 
 
-def tiny_audio_encoder(hidden_size: int) -> HubertModel:
-    """A randomly initialised HuBERT with the real feature extractor geometry (20 ms hop)."""
+def normalize_wave(x: torch.Tensor) -> torch.Tensor:
+    """Wav2Vec2FeatureExtractor's ``do_normalize``: zero mean, unit variance over the clip."""
+    return (x - x.mean()) / torch.sqrt(x.var(unbiased=False) + 1e-7)
+
+
+def to_feature_slots(feats: torch.Tensor, target: int) -> torch.Tensor:
+    """Encoder frames [T, D] -> [target, D], linear in time over the clip (slot i at the same relative
+    time as in the encoder's frames), so ``per_frame`` slots line up with each video frame."""
+    return F.interpolate(feats.t()[None], size=target, mode="linear", align_corners=False)[0].t()
+
+
+def load_speech_model(path: Union[str, Path], dtype: torch.dtype = torch.float32,
+                      **config_overrides) -> tuple[Union[HubertModel, Wav2Vec2Model], bool]:
+    """A HuBERT / wav2vec2 transformers folder -> (the model, whether its feature extractor normalises
+    the waveform: ``preprocessor_config.json``'s ``do_normalize``, default True). ``config_overrides``
+    replace config.json values (e.g. ``layerdrop=0.0``)."""
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"{path}: audio encoder directory not found (transformers layout)")
+    kind = AutoConfig.from_pretrained(str(path)).model_type
+    if kind not in AUDIO_ENCODERS:
+        raise ValueError(f"{path}/config.json: model_type {kind!r} is not one of {sorted(AUDIO_ENCODERS)}")
+    model = AUDIO_ENCODERS[kind].from_pretrained(str(path), dtype=dtype, **config_overrides)
+    normalize = True
+    prep = Path(path) / "preprocessor_config.json"
+    if prep.is_file():
+        normalize = bool(json.loads(prep.read_text()).get("do_normalize", True))
+    return model, normalize
+
+
+def tiny_audio_encoder(hidden_size: int, kind: str = "hubert", **config_overrides) -> Union[HubertModel, Wav2Vec2Model]:
+    """A randomly initialised HuBERT (or wav2vec2) with the real feature extractor geometry (20 ms hop)."""
     heads = 2 if hidden_size % 2 == 0 else 1
-    cfg = HubertConfig(hidden_size=hidden_size, num_hidden_layers=2, num_attention_heads=heads,
+    config_class = {"hubert": HubertConfig, "wav2vec2": Wav2Vec2Config}[kind]
+    cfg = config_class(hidden_size=hidden_size, num_hidden_layers=2, num_attention_heads=heads,
                        intermediate_size=2 * hidden_size, conv_dim=(32,) * 7, num_conv_pos_embeddings=16,
-                       num_conv_pos_embedding_groups=math.gcd(4, hidden_size))
-    return HubertModel(cfg)
+                       num_conv_pos_embedding_groups=math.gcd(4, hidden_size), **config_overrides)
+    return AUDIO_ENCODERS[kind](cfg)

@@ -38,7 +38,7 @@ import pickle
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Mapping, Optional, Union
+from typing import Any, Mapping, Optional, Union
 
 import numpy as np
 
@@ -181,11 +181,28 @@ def _read_emoca_folder(path: Path) -> dict[str, np.ndarray]:
     return {"expcode": np.stack(exp), "posecode": np.stack(pose)}
 
 
-class _ArrayUnpickler(pickle.Unpickler):
+class ArrayUnpickler(pickle.Unpickler):
+    """Builds numpy arrays, dtypes and scalars (``PICKLE_ALLOWED``) and nothing else: any other global a
+    pickle names is refused before anything is called. A subclass may answer further globals with inert
+    stand-ins of its own (``substitute``), e.g. the FLAME model file's chumpy / scipy objects."""
+
+    def substitute(self, module: str, name: str) -> Any:
+        """The stand-in for ``module.name``, or None to apply the numpy-only rule."""
+        return None
+
     def find_class(self, module: str, name: str):
+        stand_in = self.substitute(module, name)
+        if stand_in is not None:
+            return stand_in
         if (module, name) not in PICKLE_ALLOWED:
             raise pickle.UnpicklingError(f"refusing to load {module}.{name} (only numpy arrays are allowed)")
         return super().find_class(module, name)
+
+
+def load_pickle(path: Union[str, Path], unpickler: type[ArrayUnpickler] = ArrayUnpickler) -> Any:
+    """The object in a ``.pkl`` file through ``unpickler`` (latin1: numpy arrays pickled by Python 2)."""
+    with open(path, "rb") as f:
+        return unpickler(f, encoding="latin1").load()
 
 
 def _read_arrays(path: Path) -> dict[str, np.ndarray]:
@@ -205,8 +222,7 @@ def _read_arrays(path: Path) -> dict[str, np.ndarray]:
             raise FlameFormatError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
         return {k: v.numpy() if isinstance(v, torch.Tensor) else np.asarray(v) for k, v in obj.items()}
     if suffix == ".pkl":
-        with open(path, "rb") as f:
-            obj = _ArrayUnpickler(f, encoding="latin1").load()  # latin1: numpy arrays pickled by Python 2
+        obj = load_pickle(path)
         if not isinstance(obj, dict):
             raise FlameFormatError(f"{path}: expected a dict of arrays, found {type(obj).__name__}")
         return {k: np.asarray(v) for k, v in obj.items()}
