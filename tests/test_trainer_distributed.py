@@ -25,6 +25,11 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
 STEPS, SAVE_EVERY, CRASH_STEP = 20, 5, 10
 TIMEOUT_S = 600
+# Runs in different processes (and thread counts) compute the same fp32 steps with different rounding;
+# measured over the 20 steps, 2 ranks vs 1 process: losses 1.2e-7 apart, gradient norms 3.6e-7
+# relative. A wrong sample, noise seed, learning rate or gradient scale moves them by >= 1e-2.
+LOSS_TOL = 1e-5
+GRAD_NORM_RTOL = 1e-4
 
 
 def _args(run_dir: Path, shards: str = "") -> list[str]:
@@ -115,8 +120,13 @@ def test_zero3_two_ranks_equals_single_process(straight, single) -> None:
     assert len(two) == len(one) == STEPS
     # the comparison is only meaningful if every global batch holds the same samples
     assert [r["sample_ids"] for r in two] == [r["sample_ids"] for r in one]
-    diff = max(abs(a["loss"] - b["loss"]) for a, b in zip(two, one))
-    assert diff < 1e-5, diff
+    # Two processes at different thread counts (torchrun ranks run one thread) and a gradient
+    # all-reduce: fp32 rounding differs, so the losses and the pre-clipping gradient norms agree to a
+    # stated tolerance. The losses alone would hide a gradient scaled by the dp size (AdamW and
+    # clipping cancel the scale); the gradient norm of step 1 (identical weights) shows it directly.
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(two, one)) < LOSS_TOL
+    worst = max(abs(a["grad_norm"] - b["grad_norm"]) / b["grad_norm"] for a, b in zip(two, one))
+    assert worst < GRAD_NORM_RTOL, [(a["grad_norm"], b["grad_norm"]) for a, b in zip(two, one)]
 
 
 def test_kill_during_save_keeps_previous_checkpoint(crashed) -> None:
@@ -142,8 +152,10 @@ def test_same_command_resumes_exactly(straight, crashed, resumed) -> None:
     after = slice(SAVE_EVERY, STEPS)        # steps computed by the fresh process
     assert [r["sample_ids"] for r in records[after]] == [r["sample_ids"] for r in reference[after]]
     assert [r["lr"] for r in records[after]] == [r["lr"] for r in reference[after]]
-    diff = max(abs(a["loss"] - b["loss"]) for a, b in zip(records[after], reference[after]))
-    assert diff < 1e-6, diff
+    # the fresh process recomputes steps 6-20 from the restored weights, optimizer, data and RNG state
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(records[after], reference[after])) < LOSS_TOL
+    assert max(abs(a["grad_norm"] - b["grad_norm"]) / b["grad_norm"]
+               for a, b in zip(records[after], reference[after])) < GRAD_NORM_RTOL
     assert (run_dir / "checkpoints" / "latest").read_text() == tag_for(STEPS)
 
 
