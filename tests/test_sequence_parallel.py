@@ -22,6 +22,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from dualforce_mega.config import ConfigError, build_config
+from dualforce_mega.models.kv_cache import KVCache
 from dualforce_mega.models.layers import TokenGroups
 from dualforce_mega.models.layout import VideoShard
 from dualforce_mega.parallel.sequence_parallel import apply_sequence_parallel, check_heads
@@ -89,6 +90,20 @@ CASES = [
 ]
 
 
+def _video_tokens_per_block(model) -> list[int]:
+    """Records the number of video tokens each video-tower block receives (one entry per call)."""
+    seen: list[int] = []
+    for blk in model.video.blocks:
+        blk.register_forward_pre_hook(lambda _module, args: seen.append(args[0].shape[1]))
+    return seen
+
+
+def _video_tokens(model, inputs: dict) -> int:
+    _, ph, pw = model.cfg.patch_size
+    f, h, w = inputs["video_latent"].shape[2:]
+    return f * (h // ph) * (w // pw)
+
+
 def _equivalence_worker(rank: int, port: int, world: int, cases: list) -> None:
     _init(rank, port, world)
     for name, overrides, input_kw, fwd_kw, ckpt in cases:
@@ -101,15 +116,24 @@ def _equivalence_worker(rank: int, port: int, world: int, cases: list) -> None:
             m.gradient_checkpointing = ckpt
             m.train()
 
+        ref_tokens = _video_tokens_per_block(ref)
         out_ref = ref(**inputs, **fwd_kw, return_aux=True)
         _loss(out_ref).backward()
         g_ref = _grads(ref)
 
         ctx = apply_sequence_parallel(spm, dist.group.WORLD)
         assert ctx is not None and ctx.size == world and ctx.rank == rank
+        sp_tokens = _video_tokens_per_block(spm)
         out_sp = spm(**inputs, **fwd_kw, return_aux=True)
         _loss(out_sp).backward()
         g_sp = _grads(spm)
+
+        # each rank's blocks process only its shard of the video tokens (the outputs below would also
+        # match if every rank computed the whole sequence)
+        tokens = _video_tokens(ref, inputs)
+        shard = VideoShard(rank, world, tokens).length
+        assert (shard < tokens or tokens == 1) and set(ref_tokens) == {tokens}, (name, ref_tokens)
+        assert len(sp_tokens) >= ref.cfg.layers and set(sp_tokens) == {shard}, (name, rank, sp_tokens, shard)
 
         for field in ("video", "struct", "flame", "lip_struct", "lip_audio"):
             a, b = getattr(out_ref, field), getattr(out_sp, field)
@@ -124,8 +148,13 @@ def _equivalence_worker(rank: int, port: int, world: int, cases: list) -> None:
         assert worst[0] < TOL, f"{name}: gradient of {worst[1]} differs by {worst[0]:.3e}"
         if rank == 0:
             print(f"{name}: max |grad diff| {worst[0]:.2e} ({worst[1]})")
-        # the test has teeth only if the SP run produced real, non-zero gradients everywhere
-        assert sum(int(g.abs().sum() > 0) for g in g_ref.values()) == len(g_ref), f"{name}: dead parameters"
+        # the test has teeth only if the SP run produced real, non-zero gradients everywhere (one video
+        # token attends only to itself: its q/k get no gradient in either run)
+        dead = [n for n, g in g_sp.items() if not g.abs().sum() > 0]
+        assert tokens == 1 or not dead, f"{name}: parameters without gradient in the SP run: {dead[:5]}"
+    # KV-cache inference refuses a sequence-parallel model with a clear error
+    with pytest.raises(ValueError, match="KV-cache inference does not run sequence-parallel"):
+        spm(**inputs, cache=KVCache(writing=True))
     # 3 heads cannot be split over 2 (or 4) ranks
     with pytest.raises(ValueError, match=rf"parallel\.sp={world} must divide model\.heads=3"):
         apply_sequence_parallel(tiny_model(dim=48, heads=3), dist.group.WORLD)
@@ -180,30 +209,37 @@ def _groups_worker(rank: int, port: int, world: int) -> None:
 
     _init(rank, port, world)
     for impl in ("megatron", "torch"):
-        g = init_groups(2, impl=impl)
-        assert (g.impl, g.dp_rank, g.dp_size, g.sp_rank, g.sp_size) == (impl, 0, 1, rank, 2)
-        t = torch.tensor([float(rank + 1)])
-        dist.all_reduce(t, group=g.sp_group)   # the SP group holds both ranks
-        assert t.item() == 3.0
-        assert dist.get_process_group_ranks(g.dp_group) == [rank]
-        destroy_groups(g)
+        for sp in (2, 4):
+            g = init_groups(sp, impl=impl)
+            # SP ranks are consecutive: rank r is in SP group r // sp = [i*sp, (i+1)*sp), and the ranks at
+            # the same position of every SP group form its data-parallel group
+            first = rank // sp * sp
+            assert (g.impl, g.dp_rank, g.dp_size, g.sp_rank, g.sp_size) == (impl, rank // sp, world // sp,
+                                                                           rank % sp, sp)
+            assert sorted(dist.get_process_group_ranks(g.sp_group)) == list(range(first, first + sp))
+            assert sorted(dist.get_process_group_ranks(g.dp_group)) == list(range(rank % sp, world, sp))
+            t = torch.tensor([float(rank + 1)])
+            dist.all_reduce(t, group=g.sp_group)   # the collectives really run over those ranks
+            assert t.item() == sum(range(first + 1, first + sp + 1))
+            destroy_groups(g)
     g = init_groups(1)
-    assert (g.dp_rank, g.dp_size, g.sp_size, g.sp_group) == (rank, 2, 1, None)
-    with pytest.raises(ValueError, match=r"parallel\.sp=3 must divide the world size 2"):
+    assert (g.dp_rank, g.dp_size, g.sp_size, g.sp_group) == (rank, world, 1, None)
+    with pytest.raises(ValueError, match=rf"parallel\.sp=3 must divide the world size {world}"):
         init_groups(3)
     dist.destroy_process_group()
 
 
 @pytest.mark.distributed
 def test_groups_megatron_and_torch_build_the_same_layout() -> None:
-    _spawn(_groups_worker)
+    """Four ranks: with two, consecutive and strided SP groups would be the same group."""
+    _spawn(_groups_worker, world=4)
 
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_STEPS = 5
 
 
-def _train(run_dir: Path, sp: int, ranks: int, shards: str = "") -> list[dict]:
+def _train(run_dir: Path, sp: int, ranks: int, shards: str = "") -> tuple[list[dict], str]:
     args = ["-m", "dualforce_mega.training.train", "--config", "launch/configs/tiny_cpu.yaml",
             "--set", f"parallel.sp={sp}", "--set", f"train.steps={TRAIN_STEPS}", "--set", f"run.dir={run_dir}",
             "--set", "run.tensorboard=false"] + (["--set", f"data.shards={shards}"] if shards else [])
@@ -213,7 +249,8 @@ def _train(run_dir: Path, sp: int, ranks: int, shards: str = "") -> list[dict]:
     env = dict(os.environ, DS_ACCELERATOR="cpu")
     out = subprocess.run(launcher + args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-5000:]
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return records, out.stdout + out.stderr
 
 
 @pytest.mark.distributed
@@ -223,11 +260,14 @@ def test_trainer_sp2_on_two_ranks_equals_single_process(tmp_path: Path) -> None:
     trains exactly like one process, step by step -- the loss and the pre-clipping gradient norm (a
     gradient off by the SP size would double it) agree. Ranks of an SP group get the same batches
     and noise."""
-    single = _train(tmp_path / "single", sp=1, ranks=1)
+    single, _ = _train(tmp_path / "single", sp=1, ranks=1)
     shards = str(tmp_path / "single" / "synthetic_shards")
     # sp 2 x dp 1 on 2 ranks, and sp 2 x dp 2 on 4 ranks (loader split by dp rank, 2 accumulation steps)
     for ranks in (2, 4):
-        run = _train(tmp_path / f"sp2_ranks{ranks}", sp=2, ranks=ranks, shards=shards)
+        run, log = _train(tmp_path / f"sp2_ranks{ranks}", sp=2, ranks=ranks, shards=shards)
+        # the trainer really shards (SP off would train identically; rank 0 logs what it installed, and
+        # test_sp2_equals_sp1_outputs_and_gradients checks that a rank processes only its shard)
+        assert "sequence parallel: 2 ranks (rank 0)" in log, log[-3000:]
         assert [r["step"] for r in run] == [r["step"] for r in single] == list(range(1, TRAIN_STEPS + 1))
         for a, b in zip(single, run):
             assert abs(a["loss"] - b["loss"]) < TOL, (ranks, a["step"], a["loss"], b["loss"])
