@@ -22,6 +22,7 @@ import torch
 from safetensors import safe_open
 
 from dualforce_mega.bundle import weight_files
+from dualforce_mega.cli import run_main
 
 from .zero_reader import ZeroCheckpoint, locate
 
@@ -153,4 +154,4 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

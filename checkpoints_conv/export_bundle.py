@@ -26,11 +26,13 @@ from pathlib import Path
 from typing import Any, Optional
 
 from dualforce_mega.bundle import EMA_DIR, MANIFEST_NAME, STATS_NAME, has_ema, read_state_dict, weight_files
+from dualforce_mega.cli import run_main
 from dualforce_mega.config import Config
+from dualforce_mega.fsutil import refuse_overlap
 
 from .safetensors_io import DTYPES, parse_size, write_state_dict
 from .zero_reader import locate
-from .zero_to_safetensors import DEFAULT_MAX_SHARD, convert
+from .zero_to_safetensors import DEFAULT_MAX_SHARD, convert, resolve_config
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +68,23 @@ def read_shard_stats(cfg: Config) -> tuple[Optional[dict[str, Any]], Optional[Pa
     return (stats or None), index
 
 
+def check_output(run_dir: Path, out_dir: Path, tag: Optional[str], config: Optional[Path]) -> None:
+    """OUT_DIR (replaced with --overwrite) must not be, contain or lie inside anything the export reads:
+    the run / checkpoint directory, the config, the training shards (their stats go into the bundle)."""
+    loc = locate(run_dir, tag)
+    inputs: dict[str, Optional[Path]] = {"RUN_DIR": run_dir, "checkpoint": loc.tag_dir, "--config": config,
+                                         "config": loc.run_dir / "config.yaml" if loc.run_dir else None}
+    if config or loc.run_dir:
+        index = find_shard_index(resolve_config(loc.run_dir, config, run_dir))
+        inputs["data.shards"] = index.parent if index is not None else None
+    refuse_overlap({"OUT_DIR": out_dir}, inputs, replaced=True)
+
+
 def export_bundle(run_dir: Path, out_dir: Path, tag: Optional[str] = None, dtype: str = "fp32",
                   max_shard_size: str = DEFAULT_MAX_SHARD, config: Optional[Path] = None,
                   overwrite: bool = False) -> Path:
     out_dir = Path(out_dir)
+    check_output(Path(run_dir), out_dir, tag, config)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir}: already exists (pass --overwrite to replace it)")
     tmp = out_dir.with_name(f".partial-{out_dir.name}.{os.getpid()}")
@@ -122,7 +137,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m checkpoints_conv.export_bundle", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dir", type=Path, help="run directory (config.yaml + checkpoints/) or a checkpoint tag dir")
-    ap.add_argument("out", type=Path)
+    ap.add_argument("out", type=Path, help="bundle directory (not inside, and not containing, the run)")
     ap.add_argument("--tag", default=None)
     ap.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     ap.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD)
@@ -137,4 +152,4 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_main(main))

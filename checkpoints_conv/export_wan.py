@@ -20,7 +20,9 @@ from typing import Optional
 import torch
 
 from dualforce_mega.bundle import CONFIG_NAME, iter_tensors, read_config
+from dualforce_mega.cli import run_main
 from dualforce_mega.config import ModelConfig
+from dualforce_mega.fsutil import refuse_overlap
 
 from . import wan_keys as wk
 from .safetensors_io import DTYPES, parse_size, write_state_dict
@@ -72,6 +74,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    refuse_overlap({"OUT": args.out}, {"SRC": args.src})
     state, report = export_wan_state(args.src, args.format)
     args.out.mkdir(parents=True, exist_ok=True)
     write_state_dict(args.out, state, parse_size(args.max_shard_size), DTYPES[args.dtype],
@@ -84,4 +87,4 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_main(main))

@@ -23,7 +23,9 @@ from typing import Optional
 import torch
 
 from dualforce_mega.bundle import iter_tensors, weight_files
+from dualforce_mega.cli import run_main
 from dualforce_mega.config import Config, load_config
+from dualforce_mega.fsutil import refuse_overlap
 from dualforce_mega.models import DualForceModel
 
 from . import wan_keys as wk
@@ -198,6 +200,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    refuse_overlap({"OUT": args.out}, {"SRC": args.src, "--config": args.config})
     cfg = build_import_config(args.config, args.preset, args.overrides, args.layers, args.src)
     state, report = import_wan_state(args.src, cfg, args.layers, args.format, args.init_struct_from_video, args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -216,4 +219,4 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_main(main))

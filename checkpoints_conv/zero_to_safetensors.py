@@ -21,7 +21,8 @@ import torch
 
 from dualforce_mega.bundle import CONFIG_NAME
 from dualforce_mega.config import Config, load_config
-from dualforce_mega.fsutil import atomic_write
+from dualforce_mega.cli import run_main
+from dualforce_mega.fsutil import atomic_write, refuse_overlap
 
 from .safetensors_io import DTYPES, ShardedWriter, TensorSpec, output_dtype, parse_size
 from .zero_reader import ZeroCheckpoint, ZeroCheckpointError, locate
@@ -98,6 +99,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--config", type=Path, default=None, help="config.yaml when SRC is not inside a run directory")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    refuse_overlap({"OUT_DIR": args.out}, {"SRC": args.src, "--config": args.config})
+    loc = locate(args.src, args.tag)
+    refuse_overlap({"OUT_DIR": args.out}, {"checkpoint": loc.tag_dir,
+                                          "config": loc.run_dir / "config.yaml" if loc.run_dir else None})
     res = convert(args.src, args.out, args.dtype, args.tag, args.max_shard_size, args.config)
     print(json.dumps({"out": str(res.out_dir), "files": [p.name for p in res.files], "tag": res.tag,
                       "step": res.step, "zero_stage": res.stage, "world_size": res.world_size,
@@ -106,4 +111,4 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_main(main))

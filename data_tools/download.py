@@ -13,6 +13,8 @@ import logging
 import sys
 from pathlib import Path
 
+from dualforce_mega.cli import run_main
+from dualforce_mega.fsutil import refuse_overlap
 from dualforce_mega.preprocess.sources import fetch_segments, parse_celebvhq, parse_hdtf
 
 PARSERS = {"hdtf": parse_hdtf, "celebvhq": parse_celebvhq}
@@ -26,6 +28,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cache", type=Path, help="full downloaded videos (default OUT/../_downloads)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    refuse_overlap({"--out": args.out, "--cache": args.cache}, {"--meta": args.meta})
     status = fetch_segments(PARSERS[args.dataset](args.meta), args.out, args.cache or args.out.parent / "_downloads",
                             args.out / "download_manifest.jsonl")
     ok = sum(s == "ok" for s in status.values())
@@ -34,4 +37,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

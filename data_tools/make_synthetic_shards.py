@@ -12,6 +12,7 @@ import json
 import logging
 from typing import Optional
 
+from dualforce_mega.cli import run_main
 from dualforce_mega.config import model_preset
 from dualforce_mega.data.shard_writer import DEFAULT_MAX_SHARD_BYTES
 from dualforce_mega.data.synthetic_shards import write_shards
@@ -40,4 +41,4 @@ def main(argv: Optional[list[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_main(main))

@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from dualforce_mega.cli import run_main
+from dualforce_mega.fsutil import refuse_overlap
 from dualforce_mega.preprocess.config import MODES, PrepareConfig
 from dualforce_mega.preprocess.manifest import format_summary
 from dualforce_mega.preprocess.pipeline import STEPS, PrepareOptions
@@ -76,10 +78,14 @@ def options_from_args(args: argparse.Namespace, steps: Sequence[str]) -> Prepare
 def main(argv: Optional[Sequence[str]] = None, steps: Sequence[str] = STEPS, description: str = __doc__) -> int:
     args = build_parser(description.split("\n\n")[0]).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    refuse_overlap({"--out": args.out}, {"--src": args.src, "--config": args.config, "--vae": args.vae,
+                                         "--audio-encoder": args.audio_encoder, "--motion-extractor": args.motion_extractor,
+                                         "--flame-dir": args.flame_dir, "--emoca": args.emoca, "--syncnet": args.syncnet,
+                                         "--text-encoder": args.text_encoder, "--face-weights": args.face_weights})
     summary = run_prepare(options_from_args(args, steps))
     print(format_summary(summary))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

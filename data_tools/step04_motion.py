@@ -3,6 +3,7 @@ same options, earlier steps' outputs must exist."""
 import sys
 
 from data_tools.prepare import main
+from dualforce_mega.cli import run_main
 
 if __name__ == "__main__":
-    sys.exit(main(steps=("04_motion",), description=__doc__))
+    sys.exit(run_main(lambda argv: main(argv, steps=("04_motion",), description=__doc__)))

@@ -64,6 +64,18 @@ class PlanInput:
     act_bytes: int = BF16
     dense_mask: bool = False        # True = the CPU reference attention (keeps an Lq x Lk fp32 mask)
 
+    def __post_init__(self) -> None:
+        positive = {"--frames": self.frames, "--resolution": self.resolution, "--gpus": self.gpus,
+                    "--nodes": self.nodes, "--sp": self.sp, "--micro-batch": self.micro_batch,
+                    "--gpu-mem-gib": self.gpu_mem_gib}
+        if self.tflops is not None:
+            positive["--tflops"] = self.tflops
+        for flag, value in positive.items():
+            if not value > 0:
+                raise ValueError(f"{flag}: {value} must be positive")
+        if self.text_len < 0:
+            raise ValueError(f"--text-len: {self.text_len} must be >= 0")
+
 
 def latent_frames(video_frames: int, stride: int) -> int:
     if video_frames < 1:
@@ -256,10 +268,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--text-len", type=int, default=0, help="text tokens per sample (0 = none)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args(argv)
-    inp = PlanInput(preset=args.preset, frames=args.frames, resolution=args.resolution, gpus=args.gpus,
-                    nodes=args.nodes, sp=args.sp, micro_batch=args.micro_batch, checkpointing=args.checkpointing,
-                    fp8=args.fp8, gpu_mem_gib=args.gpu_mem_gib, tflops=args.tflops, text_len=args.text_len)
     try:
+        inp = PlanInput(preset=args.preset, frames=args.frames, resolution=args.resolution, gpus=args.gpus,
+                        nodes=args.nodes, sp=args.sp, micro_batch=args.micro_batch, checkpointing=args.checkpointing,
+                        fp8=args.fp8, gpu_mem_gib=args.gpu_mem_gib, tflops=args.tflops, text_len=args.text_len)
         r = plan(inp)
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

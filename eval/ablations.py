@@ -25,7 +25,9 @@ from typing import Optional
 
 import yaml
 
+from dualforce_mega.cli import run_main
 from dualforce_mega.config import load_config
+from dualforce_mega.fsutil import refuse_overlap
 
 from .metrics.models import add_model_arguments
 
@@ -92,6 +94,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     configs, out = Path(args.configs), Path(args.out)
+    refuse_overlap({"--out": out}, {"--study": args.study, "--configs": configs, "--vae": args.vae,
+                                    "--audio-encoder": args.audio_encoder})
     names = [n.strip() for n in args.only.split(",")] if args.only else list(ABLATIONS)
     unknown = [n for n in names if not (configs / f"{n}.yaml").is_file()]
     if unknown or not (configs / f"{BASE}.yaml").is_file():
@@ -140,4 +144,4 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

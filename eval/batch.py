@@ -54,3 +54,28 @@ def parse_batch(spec: str) -> list[Job]:
     if not jobs:
         raise ValueError(f"{p}: no pairs listed")
     return jobs
+
+
+def check_job(job: Job) -> None:
+    """Fail now, before any model is built, if the job's image or audio cannot be read: decodes the image
+    and opens the audio's first stream (``ValueError`` naming the file)."""
+    import av
+    from PIL import Image
+
+    for path, what in ((job.image, "image"), (job.audio, "audio")):
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{path}: {what} file not found")
+    try:
+        with Image.open(job.image) as img:
+            img.convert("RGB")
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{job.image}: cannot read image ({e})") from e
+    try:
+        with av.open(str(job.audio)) as container:
+            streams = len(container.streams.audio)
+            if streams:
+                next(container.decode(audio=0), None)
+    except (av.FFmpegError, OSError) as e:
+        raise ValueError(f"{job.audio}: cannot read audio ({e})") from e
+    if not streams:
+        raise ValueError(f"{job.audio}: cannot read audio (no audio stream)")

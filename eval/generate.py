@@ -14,7 +14,10 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from .batch import Job, parse_batch
+from dualforce_mega.cli import run_main
+from dualforce_mega.fsutil import refuse_overlap
+
+from .batch import Job, check_job, parse_batch
 from .pipeline import (RANDOM_PRESETS, GenerateOptions, Pipeline, PipelineSpec, build_pipeline, generate_one,
                        load_array)
 
@@ -108,17 +111,38 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[list[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    pipe = build_pipeline(pipeline_spec(args))
+    # every input is checked before the model is built: a bad file costs no model load
+    refuse_overlap({"--out": args.out, "--out-dir": args.out_dir, "--save-latents": args.save_latents},
+                   {"--ref": args.ref, "--audio": args.audio, "--batch": args.batch, "--bundle": args.bundle,
+                    "--vae": args.vae, "--audio-encoder": args.audio_encoder, "--kp-canonical": args.kp_canonical,
+                    "--ref-motion": args.ref_motion, "--text-emb": args.text_emb})
+    for path, flag in ((args.bundle, "--bundle"), (args.kp_canonical, "--kp-canonical"),
+                       (args.ref_motion, "--ref-motion"), (args.text_emb, "--text-emb")):
+        if path and not Path(path).exists():
+            raise FileNotFoundError(f"{flag} {path}: not found")
+    failed = []
     if args.batch:
         jobs = parse_batch(args.batch)
         out_dir = Path(args.out_dir)
         targets = [(j, out_dir / f"{j.name}.mp4",
                     Path(args.save_latents) / f"{j.name}.safetensors" if args.save_latents else None) for j in jobs]
+        for job, out, _ in targets:
+            refuse_overlap({"--out-dir": out}, {"image": job.image, "audio": job.audio})
+            try:
+                check_job(job)
+            except (ValueError, OSError) as e:
+                log.error("%s: %s", job.name, e)  # reported now; the other jobs still run
+                failed.append(job.name)
+        if len(failed) == len(targets):
+            raise ValueError(f"--batch {args.batch}: none of the {len(targets)} jobs has readable inputs")
     else:
         job = Job(Path(args.ref), Path(args.audio), Path(args.out).stem)
+        check_job(job)
         targets = [(job, Path(args.out), Path(args.save_latents) if args.save_latents else None)]
-    failed = []
+    pipe = build_pipeline(pipeline_spec(args))
     for job, out, lat in targets:
+        if job.name in failed:
+            continue
         try:
             info = generate_one(pipe, job, out, generate_options(args, pipe, lat))
         except (ValueError, OSError) as e:
@@ -138,4 +162,4 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -16,6 +16,9 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from dualforce_mega.cli import run_main
+from dualforce_mega.fsutil import refuse_overlap
+
 from .batch import IMAGE_EXTS
 from .evaluate import evaluate, real_records
 from .metrics.analyze import FACE_MODES, list_videos
@@ -67,6 +70,8 @@ def _detector(face_mode: str):
 def run_folders(args: argparse.Namespace) -> int:
     metrics = _metrics(args.metrics, [m for m in METRICS if m != "fvd_r3d18"])
     check_weight_paths(args, metrics)
+    refuse_overlap({"--out": args.out, "--tensorboard": args.tensorboard},
+                   {"--generated": args.generated, "--real": args.real, "--references": args.references})
     real_dir = Path(args.real) if args.real else None
     gen_dir = Path(args.generated)
     generated = list_videos(gen_dir)                      # fails before any network loads
@@ -88,6 +93,12 @@ def run_folders(args: argparse.Namespace) -> int:
 
 def run_study(args: argparse.Namespace) -> int:
     study = load_study(Path(args.study), args.out)
+    inputs = {"--study": args.study}
+    for ts, t in study.test_sets.items():
+        inputs.update({f"test_sets.{ts}.pairs": t["pairs"], f"test_sets.{ts}.real": t["real"]})
+    for name, m in study.models.items():
+        inputs.update({f"models.{name}.{k}": m.get(k) for k in ("bundle", "vae", "audio_encoder")})
+    refuse_overlap({"out": study.out, "--tensorboard": args.tensorboard}, inputs)
     metrics = _metrics(args.metrics, study.metrics)
     nets = network_args(study, args)
     check_weight_paths(nets, metrics)                     # before any generation
@@ -140,4 +151,4 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

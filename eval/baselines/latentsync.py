@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Optional
 
 from dualforce_mega.baselines.latentsync.batch import Guidance, run_batch
+from dualforce_mega.cli import run_main
+from dualforce_mega.fsutil import refuse_overlap
 from dualforce_mega.baselines.latentsync.build import DTYPES, RANDOM_PRESETS, BuildSpec, build_lipsync
 
 
@@ -53,6 +55,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[list[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
+    refuse_overlap({"--output_dir": args.output_dir},
+                   {"--unet_config_path": args.unet_config_path,
+                    "--inference_ckpt_path": args.inference_ckpt_path, "--whisper": args.whisper, "--vae": args.vae,
+                    "--pairs": args.pairs})
     spec = BuildSpec(unet_config_path=args.unet_config_path, inference_ckpt_path=args.inference_ckpt_path,
                      whisper=args.whisper, vae=args.vae, random_models=args.random_models,
                      num_frames=args.num_frames, resolution=args.resolution, steps=args.steps, dtype=args.dtype)
@@ -64,4 +70,4 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

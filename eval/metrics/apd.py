@@ -6,7 +6,9 @@ The same as ``python -m eval.run_eval --metrics apd ...`` (every flag of run_eva
 """
 import sys
 
+from dualforce_mega.cli import run_main
+
 from .cli import metric_main
 
 if __name__ == "__main__":
-    sys.exit(metric_main("apd"))
+    sys.exit(run_main(lambda argv: metric_main("apd", argv)))

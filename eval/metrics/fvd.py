@@ -6,7 +6,9 @@ The same as ``python -m eval.run_eval --metrics fvd ...`` (every flag of run_eva
 """
 import sys
 
+from dualforce_mega.cli import run_main
+
 from .cli import metric_main
 
 if __name__ == "__main__":
-    sys.exit(metric_main("fvd"))
+    sys.exit(run_main(lambda argv: metric_main("fvd", argv)))

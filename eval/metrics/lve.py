@@ -21,7 +21,8 @@ from typing import Optional
 
 import numpy as np
 
-from dualforce_mega.fsutil import atomic_write
+from dualforce_mega.cli import run_main
+from dualforce_mega.fsutil import atomic_write, refuse_overlap
 from dualforce_mega.metrics.lve import fdd, lve
 
 log = logging.getLogger("eval.metrics.lve")
@@ -68,6 +69,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = ap.parse_args(argv)
     if bool(args.upper_vertices) != bool(args.template):
         ap.error("FDD needs both --upper-vertices and --template")
+    refuse_overlap({"--out": args.out}, {"--pred": args.pred, "--gt": args.gt, "--lip-vertices": args.lip_vertices,
+                                         "--upper-vertices": args.upper_vertices, "--template": args.template})
     try:
         pred, gt = sequences(Path(args.pred)), sequences(Path(args.gt))
         names = sorted(set(pred) & set(gt))
@@ -98,4 +101,4 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -6,7 +6,9 @@ The same as ``python -m eval.run_eval --metrics sync ...`` (every flag of run_ev
 """
 import sys
 
+from dualforce_mega.cli import run_main
+
 from .cli import metric_main
 
 if __name__ == "__main__":
-    sys.exit(metric_main("sync"))
+    sys.exit(run_main(lambda argv: metric_main("sync", argv)))

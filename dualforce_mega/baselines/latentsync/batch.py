@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from dualforce_mega.fsutil import refuse_overlap
 from dualforce_mega.media import Mp4Writer, load_audio
 from dualforce_mega.preprocess.manifest import FAILED, OK, SKIPPED, Manifest
 from dualforce_mega.preprocess.video_io import MediaError, iter_frames
@@ -126,6 +127,7 @@ def run_batch(input_dir: Path, output_dir: Path, build: Callable[[], LipSyncPipe
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     if input_dir.resolve() == output_dir.resolve():
         raise ValueError(f"--output_dir {output_dir} is the input folder; choose another (inputs are never written)")
+    refuse_overlap({"--output_dir": output_dir}, {"--input_dir": input_dir})
     listing: Listing = list_pairs(input_dir, pairs_file)
     output_dir.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(output_dir / MANIFEST)
