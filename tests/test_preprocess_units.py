@@ -163,6 +163,8 @@ def test_missing_weights_fail_before_any_work(tmp_path: Path):
         run_prepare(PrepareOptions(src=tmp_path / "raw", out=tmp_path / "out", vae="/nonexistent",
                                    audio_encoder="/nonexistent"))
     assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="inside --src"):
+        run_prepare(PrepareOptions(src=tmp_path / "raw", out=tmp_path / "raw" / "out", random_models="tiny"))
 
 
 def test_small_split_spreads_over_min_shards(tmp_path: Path):

@@ -84,7 +84,11 @@ def run_prepare(opts: PrepareOptions) -> dict[str, Any]:
 
 
 def check_options(opts: PrepareOptions, mode_steps: tuple[str, ...]) -> None:
-    """Fail before any work when a selected step will need a network nobody gave."""
+    """Fail before any work when a selected step will need a network nobody gave, or when the
+    output would land inside the input folder (a tool never writes into its input)."""
+    src, out = opts.src.resolve(), opts.out.resolve()
+    if out == src or src in out.parents:
+        raise ValueError(f"--out {opts.out} is inside --src {opts.src}: choose an output folder outside the input")
     selected = set(opts.steps) & set(mode_steps)
     need = {"03_latents": ("--vae", opts.vae), "06_audio": ("--audio-encoder", opts.audio_encoder)}
     for step, (flag, value) in need.items():
