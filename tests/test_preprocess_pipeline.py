@@ -15,7 +15,8 @@ pytest.importorskip("cv2")
 pytest.importorskip("silero_vad")
 from media_fixtures import bad_inputs, have_espeak, talking_video  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not have_espeak(), reason="needs espeak-ng (scripts/install.sh installs it)")
+pytestmark = [pytest.mark.skipif(not have_espeak(), reason="needs espeak-ng (scripts/install.sh installs it)"),
+              pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 64       # crop side: 8x8 latents for the tiny model
 GOOD = ["WDA_Astro_000.mp4", "WDA_Astro_001.mp4"]

@@ -33,7 +33,7 @@ from typing import Optional
 import torch
 
 from ..config import ModelConfig
-from ..diffusion.noise import mix_seed
+from ..seeding import mix_seed
 from ..models.layout import latent_frame_spans, num_video_frames
 
 WORLD_SEED = 0x5EED_D0A1          # the fixed global maps every clip shares
