@@ -178,3 +178,40 @@ def test_small_split_spreads_over_min_shards(tmp_path: Path):
     index = json.loads((tmp_path / "index.json").read_text())
     assert [s["keys"] for s in index["shards"]] == [["k0", "k1", "k2"], ["k3", "k4"]]
     assert not write_split_shards(tmp_path, list(clips), lambda k: clips[k], cfg, pc, {})   # same keys: kept
+
+
+@pytest.mark.gpu
+def test_latents_bf16_on_gpu_match_fp32_cpu():
+    """Step 03 as it runs on a GPU node (bf16 VAE, batched clips) against the fp32 CPU reference."""
+    import torch
+    from dualforce_mega.encoders.vae import WanVAE, tiny_vae
+    from dualforce_mega.preprocess.latents import encode_clips
+    torch.manual_seed(0)
+    vae = tiny_vae()
+    clips = [np.random.default_rng(i).integers(0, 255, (9, 64, 64, 3), dtype=np.uint8) for i in range(2)]
+    ref = encode_clips(WanVAE(vae.float()), clips, ref_every=1, image_batch=2)
+    gpu = encode_clips(WanVAE(vae.to("cuda", torch.bfloat16)), clips, ref_every=1, image_batch=2)
+    for a, b in zip(ref, gpu):
+        for k in ("video_latent", "ref_latent"):
+            err = (a[k].float() - b[k].float()).abs().max() / a[k].float().abs().max()
+            assert err < 0.05, (k, float(err))
+        assert a["ref_positions"].tolist() == [0, 1, 2]
+
+
+def test_reference_encodings_are_single_image_encodings():
+    """ref_latent[i] is the VAE encoding of video frame 4 * ref_positions[i] alone: at t0 = 0 it equals
+    the video latent's first frame (the causal VAE encodes frame 0 alone too), at t0 >= 1 it differs
+    from the video latent (which mixes 4 frames) but equals encoding that frame as a 1-frame video."""
+    import torch
+    from dualforce_mega.encoders.vae import WanVAE, tiny_vae
+    from dualforce_mega.preprocess.latents import encode_clips, to_model_range
+    torch.manual_seed(0)
+    vae = WanVAE(tiny_vae())
+    clip = np.random.default_rng(0).integers(0, 255, (9, 32, 32, 3), dtype=np.uint8)
+    out = encode_clips(vae, [clip], ref_every=2, image_batch=1)[0]
+    assert out["video_latent"].shape == (16, 3, 4, 4) and out["ref_positions"].tolist() == [0, 2]
+    lat, ref = out["video_latent"].float(), out["ref_latent"].float()
+    torch.testing.assert_close(ref[0], lat[:, 0], atol=2e-2, rtol=2e-2)      # bf16 storage
+    alone = vae.encode_video(to_model_range(clip[8:9])[None])[0, :, 0]
+    torch.testing.assert_close(ref[1], alone.to(torch.bfloat16).float())
+    assert (ref[1] - lat[:, 2]).abs().max() > 0.1
