@@ -24,7 +24,7 @@ from safetensors import safe_open
 from dualforce_mega.bundle import weight_files
 from dualforce_mega.cli import run_main
 
-from .zero_reader import ZeroCheckpoint, locate
+from dualforce_mega.training.zero_reader import ZeroCheckpoint, locate
 
 
 @dataclass

@@ -31,7 +31,7 @@ from dualforce_mega.config import Config
 from dualforce_mega.fsutil import refuse_overlap
 
 from .safetensors_io import DTYPES, parse_size, write_state_dict
-from .zero_reader import locate
+from dualforce_mega.training.zero_reader import locate
 from .zero_to_safetensors import DEFAULT_MAX_SHARD, convert, resolve_config
 
 log = logging.getLogger(__name__)

@@ -25,7 +25,7 @@ from dualforce_mega.cli import run_main
 from dualforce_mega.fsutil import atomic_write, refuse_overlap
 
 from .safetensors_io import DTYPES, ShardedWriter, TensorSpec, output_dtype, parse_size
-from .zero_reader import ZeroCheckpoint, ZeroCheckpointError, locate
+from dualforce_mega.training.zero_reader import ZeroCheckpoint, ZeroCheckpointError, locate
 
 log = logging.getLogger(__name__)
 

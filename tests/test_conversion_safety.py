@@ -7,7 +7,7 @@ import pickle
 import pytest
 import torch
 
-from checkpoints_conv.safe_load import InertObject, UnsafeCheckpointError, safe_torch_load
+from dualforce_mega.training.safe_load import InertObject, UnsafeCheckpointError, safe_torch_load
 from checkpoints_conv.zero_to_safetensors import convert
 
 

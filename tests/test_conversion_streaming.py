@@ -48,7 +48,7 @@ def write_zero3(tag_dir: Path, shapes: dict[str, tuple], world: int, seed: int =
 def test_any_world_size_matches_deepspeed(tmp_path, world):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from checkpoints_conv.zero_reader import ZeroCheckpoint
+    from dualforce_mega.training.zero_reader import ZeroCheckpoint
     shapes = {"a.weight": (7, 5), "a.bias": (7,), "b.table": (1, 3, 11), "c.scalar": (1,), "d.big": (33, 17)}
     full = write_zero3(tmp_path / "ckpt" / "t", shapes, world)
     ours = dict(ZeroCheckpoint(tmp_path / "ckpt" / "t").tensors())

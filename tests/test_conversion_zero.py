@@ -306,7 +306,7 @@ def test_export_bundle_carries_ema_when_the_run_has_one(run_dir, tmp_path):
 def test_incomplete_checkpoint_is_refused(run_dir, tmp_path):
     import shutil
 
-    from checkpoints_conv.zero_reader import ZeroCheckpointError
+    from dualforce_mega.training.zero_reader import ZeroCheckpointError
     from checkpoints_conv.zero_to_safetensors import convert
     broken = tmp_path / "broken"
     shutil.copytree(run_dir / "zero2_frozen", broken)   # outside any run directory: no config.yaml
