@@ -34,7 +34,7 @@ part() {  # part <name> <timeout seconds> <command...>
     shift 2
     say "== $name (timeout ${limit}s): $*"
     local start=$SECONDS
-    timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$LOG" > "$OUT/$name.log"
+    timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$LOG" "$OUT/$name.log"
     local rc=${PIPESTATUS[0]}
     [ "$rc" -eq 124 ] && say "== $name: TIMED OUT after ${limit}s (rows printed above were kept)"
     say "== $name: exit $rc after $((SECONDS - start)) s"
