@@ -144,3 +144,14 @@ def bad_inputs(root: Path, good: Path) -> dict[str, str]:
     talking_video(root / "short.mp4", 1.0, size=160)
     return {"corrupt.mp4": "unreadable", "notes.md": "unreadable", "speech_only.wav": "no_video",
             "mute.mp4": "no_audio", "noface.mp4": "no_face", "silent.mp4": "silent", "short.mp4": "too_short"}
+
+
+def train_losses(script: str, shards: Path, run_dir: Path, steps: int = 2) -> list[float]:
+    """Run ``bash launch/<script> --nproc 1`` on ``shards`` for ``steps`` steps; the logged losses."""
+    repo = Path(__file__).resolve().parents[1]
+    cmd = ["bash", f"launch/{script}", "--nproc", "1", "--set", f"data.shards={shards}", "--set", f"train.steps={steps}",
+           "--set", "train.global_batch=1", "--set", "train.micro_batch=1", "--set", f"run.dir={run_dir}"]
+    proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return [float(line.split(" loss ")[1].split()[0]) for line in (proc.stdout + proc.stderr).splitlines()
+            if "step " in line and " loss " in line]

@@ -2,7 +2,6 @@
 speech) plus bad inputs, with --random-models tiny; the shards train with the launch script."""
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ import pytest
 pytest.importorskip("av")
 pytest.importorskip("cv2")
 pytest.importorskip("silero_vad")
-from media_fixtures import bad_inputs, have_espeak, talking_video  # noqa: E402
+from media_fixtures import bad_inputs, have_espeak, talking_video, train_losses  # noqa: E402
 
 pytestmark = [pytest.mark.skipif(not have_espeak(), reason="needs espeak-ng (scripts/install.sh installs it)"),
               pytest.mark.slow]
@@ -112,11 +111,5 @@ def test_face_stays_centred_in_the_fixed_crop(prepared):
 @pytest.mark.slow
 def test_train_dualforce_on_prepared_shards(prepared, tmp_path):
     _, out, _, _ = prepared
-    cmd = ["bash", "launch/train_dualforce.sh", "--nproc", "1", "--set", f"data.shards={out / 'shards'}",
-           "--set", "train.steps=2", "--set", "train.global_batch=1", "--set", "train.micro_batch=1",
-           "--set", f"run.dir={tmp_path / 'run'}"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    losses = [float(line.split(" loss ")[1].split()[0]) for line in (proc.stdout + proc.stderr).splitlines()
-              if "step " in line and " loss " in line]
+    losses = train_losses("train_dualforce.sh", out / "shards", tmp_path / "run")
     assert len(losses) == 2 and all(math.isfinite(v) for v in losses)

@@ -28,7 +28,7 @@ from ..config import ModelConfig
 from ..fsutil import atomic_write
 from .netutil import random_init, resolve_device
 from .manifest import CACHED, FAILED, OK, PENDING, SKIPPED, Manifest
-from .pipeline import STEPS, PrepareOptions
+from .pipeline import PrepareOptions
 from .video_io import read_clip, read_wav
 
 log = logging.getLogger(__name__)
