@@ -141,6 +141,8 @@ class RunConfig:
     task: str = "dualforce"               # what the trainer trains: dualforce | faceformer (TASK_CONFIGS)
     tensorboard: bool = True
     log_samples: bool = False             # also log each step's global sample indices (debug / tests)
+    # operations (docs/TRAINING.md "Exit codes")
+    collective_timeout_s: float = 1800.0  # timeout of every collective of the process group
 
 
 @dataclass
@@ -451,10 +453,16 @@ def validate(cfg: Config) -> None:
              f"sp={p.sp} must divide model.heads={cfg.model.heads} (Ulysses shards heads)")
     _require(p.zero_stage in (0, 1, 2, 3), "parallel.zero_stage", "must be 0, 1, 2 or 3")
     _require(cfg.run.task == DEFAULT_TASK, "run.task", f"{cfg.run.task!r} has its own config schema (TASK_CONFIGS)")
+    validate_run(cfg.run)
     _require(data.window >= 2, "data.window",
              "must be >= 2 latent frames (the clean reference frame plus at least one)")
     _require(bool(data.shards) or data.synthetic_frames >= data.window, "data.synthetic_frames",
              f"synthetic_frames={data.synthetic_frames} must be >= data.window={data.window}")
+
+
+def validate_run(r: RunConfig) -> None:
+    """The operational ``run`` keys (timeouts) every task's trainer reads."""
+    _require(r.collective_timeout_s > 0, "run.collective_timeout_s", "must be positive")
 
 
 def validate_train(t: TrainConfig) -> None:
@@ -468,6 +476,7 @@ def validate_train(t: TrainConfig) -> None:
     _require(t.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
     _require(t.save_every >= 1, "train.save_every", "must be >= 1")
     _require(t.keep_last >= 1, "train.keep_last", "must be >= 1")
+
     _require(t.precision in ("auto", "fp32", "bf16"), "train.precision",
              f"{t.precision!r} is not one of auto, fp32, bf16")
     _require(t.fp8_recipe in ("delayed", "current"), "train.fp8_recipe",

@@ -52,6 +52,7 @@ class ReadCounters:
     samples: int = 0            # valid samples read
     corrupt_shards: int = 0     # shards that failed to open/parse or ended early
     corrupt_samples: int = 0    # incomplete / unreadable / schema-violating samples
+    nonfinite_samples: int = 0  # samples with NaN / Inf in a floating tensor
     too_short: int = 0          # valid clips with fewer latent frames than the window
     dropped_remainder: int = 0  # samples left in partly filled batches at an epoch's end
     epochs_started: int = 0

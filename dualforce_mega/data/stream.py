@@ -5,8 +5,10 @@ dp_size-th shard of the permutation and its stream s (one per dataloader worker)
 num_streams-th of those, so streams of one epoch never share a shard. Samples pass a seeded
 shuffle buffer, get a window start that depends only on (seed, epoch, key), and are grouped into
 micro-batches of equal shape (bucketing by latent size / text length). Because every decision
-before tensor decoding uses only the sample's bytes, its header and its metadata, a restored
-stream fast-forwards to "batch k of epoch e" by replaying the raw stream without decoding.
+before batching uses only the sample's bytes, its header and its metadata, a restored stream
+fast-forwards to "batch k of epoch e" by replaying the raw stream. A sample with NaN / Inf in any
+floating tensor is skipped and counted (``nonfinite_samples``): one would make every step it is in
+non-finite.
 """
 from __future__ import annotations
 
@@ -85,6 +87,10 @@ def inspect(raw: dict[str, Any], schema: ShardSchema, spec: StreamSpec, rep: Rep
         frames = schema.validate_layout(layout, meta, shard=url, key=key)
     except SchemaError as e:
         rep.skip("corrupt_samples", "%s; skipped", e)
+        return None
+    bad = [n for n, t in st_load(blob).items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        rep.skip("nonfinite_samples", "shard %s: sample %s: %s contains NaN or Inf, skipped", url, key, bad[0])
         return None
     if frames < spec.window:
         rep.skip("too_short", "shard %s: sample %s: %d latent frames < data.window %d, skipped",
@@ -179,8 +185,8 @@ class SampleStream:
             if emitted == 0 or emitted < skip:
                 shards = [r.url for r in epoch_shards(self.shards, spec, epoch, self.stream)]
                 why = (f"only {emitted} batches, but the restored state is at batch {skip} (shards changed?)"
-                       if emitted else "no batch: all samples corrupt or too short, or fewer than "
+                       if emitted else "no batch: all samples corrupt, non-finite or too short, or fewer than "
                                        f"micro_batch={spec.micro_batch} of one shape (see warnings above)")
-                raise RuntimeError(f"data stream {self.stream} of dp rank {spec.dp_rank}: epoch {epoch} "
+                raise ValueError(f"data stream {self.stream} of dp rank {spec.dp_rank}: epoch {epoch} "
                                    f"produced {why}; shards {shards}")
             epoch, skip = epoch + 1, 0

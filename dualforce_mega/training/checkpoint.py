@@ -8,13 +8,21 @@ Layout under ``<run.dir>/checkpoints``::
 
 A save writes the temporary tag on every rank, then rank 0 renames it to its final name and only then
 replaces ``latest`` (write temp file + ``os.replace``). A crash at any point leaves ``latest`` pointing
-at the previous complete checkpoint. The run directory must be on a filesystem shared by all nodes.
+at the previous complete checkpoint. A save that fails (disk full, ...) stops the run with a message
+naming the directory and its free space; the previous checkpoint stays the one to resume from. The run
+directory must be on a filesystem shared by all nodes.
+
+Resume reads every file through ``safe_load`` (weights only + the allow-listed DeepSpeed classes; DeepSpeed's
+own loader included, through :class:`SafeCheckpointEngine`). Before DeepSpeed touches a tag, the ranks
+check its files between them: a damaged (e.g. truncated) file is named and the previous checkpoint is
+used instead (the damaged tag is kept as ``.broken-<tag>``); a file that needs anything but tensors is
+refused outright. A checkpoint written by another number of ranks is resharded (``elastic.py``).
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
-import re
 import shutil
 import signal
 from dataclasses import dataclass
@@ -25,27 +33,19 @@ import torch
 import torch.distributed as dist
 
 from ..fsutil import atomic_write, fsync_dir
+from .exit_codes import CheckpointWriteError
+from .run_dir import _TAG_RE, LATEST, step_of, tag_for  # noqa: F401 (tag_for, step_of: this module's API)
+from .safe_load import UnsafeCheckpointError, safe_torch_load
 
 log = logging.getLogger(__name__)
 
 TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
-LATEST = "latest"
-_TAG_RE = re.compile(r"^step(\d+)$")
+BROKEN_PREFIX = ".broken-"
+RANK_STATE_GLOB = "rank_state_*.pt"
 # Fault injection for the crash-during-save test: "<step>:<rank>" makes that rank SIGKILL itself after
 # DeepSpeed wrote its files into the temporary tag and before the tag is published.
 FAULT_ENV = "DUALFORCE_FAULT_KILL_IN_SAVE"
-
-
-def tag_for(step: int) -> str:
-    return f"step{step:08d}"
-
-
-def step_of(tag: str) -> int:
-    m = _TAG_RE.match(tag)
-    if not m:
-        raise ValueError(f"checkpoint tag {tag!r} is not of the form stepNNNNNNNN")
-    return int(m.group(1))
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -104,10 +104,13 @@ class CheckpointManager:
                 shutil.rmtree(tmp_dir)
         _barrier()
         state = dict(client_state, world_size=self.world_size, step=step)
-        engine.save_checkpoint(str(self.root), tag=tmp_tag, client_state=state, save_latest=False)
-        rank_file = self._rank_file(tmp_dir, self.rank)
-        torch.save(rank_state, rank_file.with_suffix(".partial"))
-        os.replace(rank_file.with_suffix(".partial"), rank_file)
+        try:
+            engine.save_checkpoint(str(self.root), tag=tmp_tag, client_state=state, save_latest=False)
+            rank_file = self._rank_file(tmp_dir, self.rank)
+            torch.save(rank_state, rank_file.with_suffix(".partial"))
+            os.replace(rank_file.with_suffix(".partial"), rank_file)
+        except (OSError, RuntimeError) as e:   # torch's writer reports a full disk as a RuntimeError
+            raise CheckpointWriteError(self.write_error(tmp_dir, step, e)) from e
         self._maybe_inject_fault(step)
         _barrier()                        # every rank's shards are on disk before the tag is published
         if self.rank == 0:
@@ -115,6 +118,21 @@ class CheckpointManager:
         _barrier()
         log.info("saved checkpoint %s", final_dir)
         return final_dir
+
+    def write_error(self, tmp_dir: Path, step: int, e: BaseException) -> str:
+        """One line: what failed, how much space is left there (the usual cause), what is still safe."""
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        free = shutil.disk_usage(self.root).free
+        previous = [t for t in self.tags() if step_of(t) < step]
+        need = _dir_bytes(self.root / previous[-1]) if previous else 0
+        full = free < max(need, 1) or isinstance(e, OSError) and e.errno == errno.ENOSPC
+        diagnosis = (f"the disk is full ({_gib(free)} free on the filesystem of {self.root}"
+                     + (f", the previous checkpoint takes {_gib(need)})" if need else ")")) if full else \
+            f"{_gib(free)} free on the filesystem of {self.root}"
+        keep = (f"checkpoint {previous[-1]} is intact and a restart resumes from it" if previous else
+                "no earlier checkpoint exists")
+        return (f"rank {self.rank}: writing checkpoint step {step} into {tmp_dir} failed: {reason} -- {diagnosis}; "
+                f"{keep}. Free space (or move run.dir) and run the same command again")
 
     def _publish(self, tmp_dir: Path, final_dir: Path, tag: str) -> None:
         if final_dir.exists():            # an unpublished re-save of a step (run resumed from earlier)
@@ -155,25 +173,110 @@ class CheckpointManager:
                     shutil.rmtree(p) if p.is_dir() else p.unlink()
         _barrier()
 
+    def candidates(self) -> list[str]:
+        """Tags to try, newest first: the one ``latest`` names, then the older complete ones."""
+        path = self.root / LATEST
+        if not path.is_file():
+            return []
+        tag = path.read_text().strip()
+        try:
+            newest = step_of(tag)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+        if not (self.root / tag).is_dir():
+            log.error("%s names %s, which does not exist; trying older checkpoints", path, self.root / tag)
+        return [t for t in reversed(self.tags()) if step_of(t) <= newest]
+
+    def _check_files(self, tag_dir: Path) -> tuple[list[str], list[str]]:
+        """Collective: the ranks share the tag's files and open each through the safe loader (memory-mapped:
+        reads the archive index, not the tensors). Returns (damaged, unsafe) descriptions, same on every rank."""
+        files = sorted(tag_dir.glob("*.pt"))
+        damaged, unsafe = [], []
+        for path in files[self.rank::self.world_size]:
+            try:
+                safe_torch_load(path, mmap=True, deepspeed_classes=True)
+            except UnsafeCheckpointError as e:
+                unsafe.append(str(e))
+            except Exception as e:      # noqa: BLE001 -- any failure to read makes the file unusable
+                damaged.append(f"{path}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")
+        saved = len(list(tag_dir.glob(RANK_STATE_GLOB)))
+        if self.rank == 0 and saved == 0:
+            damaged.append(f"{tag_dir}: no {RANK_STATE_GLOB} files (not written by this trainer, or incomplete)")
+        if dist.is_initialized() and self.world_size > 1:
+            parts: list[Any] = [None] * self.world_size
+            dist.all_gather_object(parts, (damaged, unsafe))
+            damaged = [d for p in parts for d in p[0]]
+            unsafe = [u for p in parts for u in p[1]]
+        return damaged, unsafe
+
+    def _set_aside(self, tag: str) -> None:
+        """Rank 0 renames a damaged tag to ``.broken-<tag>`` (kept for inspection, never loaded or pruned)."""
+        if self.rank == 0:
+            target = self.root / f"{BROKEN_PREFIX}{tag}"
+            if target.exists():
+                shutil.rmtree(target)
+            os.rename(self.root / tag, target)
+            log.warning("kept the damaged checkpoint as %s", target)
+        _barrier()
+
     def load(self, engine: Any) -> Optional[Resumed]:
-        """Collective. Loads the tag named by ``latest`` into ``engine``; None on a fresh run."""
+        """Collective. Loads the newest usable tag into ``engine``; None on a fresh run."""
         self.clean_partial()
-        tag = self.latest_tag()
-        if tag is None:
-            return None
+        if not isinstance(engine.checkpoint_engine, SafeCheckpointEngine):
+            engine.checkpoint_engine = SafeCheckpointEngine(engine.checkpoint_engine)
+        tried = []
+        for tag in self.candidates():
+            damaged, unsafe = self._check_files(self.root / tag)
+            if unsafe:
+                raise UnsafeCheckpointError(f"resume refused: {unsafe[0]}")
+            if damaged:
+                log.error("checkpoint %s is damaged, falling back to the previous one: %s", tag, "; ".join(damaged))
+                tried.append(f"{tag} ({damaged[0]})")
+                self._set_aside(tag)
+                continue
+            return self._load_tag(engine, tag)
+        if tried:
+            raise ValueError(f"{self.root}: no usable checkpoint to resume from; damaged: {', '.join(tried)}")
+        return None
+
+    def _load_tag(self, engine: Any, tag: str) -> Resumed:
+        from .elastic import load_resharded, merge_rank_states
+
         tag_dir = self.root / tag
-        rank_file = self._rank_file(tag_dir, self.rank)
-        if not rank_file.is_file():
-            saved = len(list(tag_dir.glob("rank_state_*.pt")))
-            raise FileNotFoundError(f"{rank_file}: missing; checkpoint {tag_dir} was written by {saved} ranks, "
-                                    f"this run has {self.world_size} (resume needs the same world size)")
-        path, client_state = engine.load_checkpoint(str(self.root), tag=tag, load_optimizer_states=True,
-                                                    load_lr_scheduler_states=True)
-        if path is None:
-            raise RuntimeError(f"{tag_dir}: DeepSpeed could not load this checkpoint")
-        if client_state.get("world_size") != self.world_size:
-            raise ValueError(f"{tag_dir}: written with world size {client_state.get('world_size')}, "
-                             f"this run has {self.world_size}")
-        rank_state = torch.load(rank_file, weights_only=True)
+        rank_files = sorted(tag_dir.glob(RANK_STATE_GLOB))
+        saved_world = len(rank_files)
+        if saved_world == self.world_size:
+            path, client_state = engine.load_checkpoint(str(self.root), tag=tag, load_optimizer_states=True,
+                                                        load_lr_scheduler_states=True)
+            if path is None:
+                raise RuntimeError(f"{tag_dir}: DeepSpeed could not load this checkpoint")
+        else:
+            log.warning("%s was written by %d ranks, this run has %d: resharding it", tag_dir, saved_world,
+                        self.world_size)
+            client_state = load_resharded(engine, tag_dir)
+        rank_state = merge_rank_states([torch.load(f, weights_only=True) for f in rank_files], self.rank)
         log.info("resumed from %s (step %d)", tag_dir, client_state["step"])
         return Resumed(step=int(client_state["step"]), tag=tag, client_state=client_state, rank_state=rank_state)
+
+
+class SafeCheckpointEngine:
+    """DeepSpeed's checkpoint engine with a safe ``load``: every file ``engine.load_checkpoint`` reads goes
+    through ``safe_torch_load`` (weights only + the allow-listed DeepSpeed classes). Everything else (saving,
+    commit, ...) is the wrapped engine's."""
+
+    def __init__(self, inner: Any):
+        self.inner = inner
+
+    def load(self, path: str, map_location: Any = None) -> Any:
+        return safe_torch_load(path, map_location=map_location, deepspeed_classes=True)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2 ** 30:.2f} GiB" if n >= 2 ** 27 else f"{n / 2 ** 20:.1f} MiB"

@@ -39,9 +39,13 @@ class GlobalBatchFeed:
         return {"streams": list(self.streams), "loaders": [loader.state_dict() for loader in self.loaders]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if list(state["streams"]) != self.streams:
-            raise ValueError(f"loader state: saved for logical data streams {state['streams']}, this rank owns "
-                             f"{self.streams} (resume needs the same world size and batch layout)")
-        for loader, loader_state in zip(self.loaders, state["loaders"]):
-            loader.load_state_dict(loader_state)
+        """``state`` holds the positions of some logical streams (of one rank, or merged from all ranks of
+        a checkpoint written with another world size); this rank takes the ones it owns."""
+        saved = dict(zip(state["streams"], state["loaders"]))
+        missing = [s for s in self.streams if s not in saved]
+        if missing:
+            raise ValueError(f"loader state: the checkpoint holds logical data streams {sorted(saved)}, this rank "
+                             f"owns {self.streams} (train.global_batch / train.micro_batch changed?)")
+        for loader, stream in zip(self.loaders, self.streams):
+            loader.load_state_dict(saved[stream])
         self.iters = [iter(loader) for loader in self.loaders]

@@ -1,4 +1,5 @@
-"""Checks that must fail before any rank starts: config, world/batch divisibility, shards.
+"""Checks that must fail before any rank starts: config, world/batch divisibility, shards, and what the
+run directory already holds (a run of another model / phase is refused; a finished run starts nothing).
 
 ``launch/*.sh`` runs this module once before spawning ranks; ``train.py`` repeats the same checks on
 every rank before initialising the process group (for users who call the DeepSpeed launcher directly).
@@ -12,8 +13,10 @@ from typing import Optional
 
 from ..config import Config, ConfigError, add_config_arguments, load_config
 from ..parallel.deepspeed_config import grad_accum_steps
+from . import exit_codes
 from .data_feed import logical_streams
 from .phase import apply_phase
+from .run_dir import check_run_dir
 
 
 def check_shards(cfg: Config) -> int:
@@ -77,6 +80,15 @@ def hostfile_slots(path: str) -> int:
     return total
 
 
+def finished(cfg: Config) -> Optional[str]:
+    """The message for a run whose latest checkpoint reached ``train.steps`` (nothing to do), else None."""
+    step = check_run_dir(cfg)
+    if step is not None and step >= cfg.train.steps:
+        return (f"nothing to do: {cfg.run.dir} is finished (checkpoint step {step} >= train.steps="
+                f"{cfg.train.steps}); raise train.steps to train on")
+    return None
+
+
 def preflight(config: Optional[str], overrides: list[str], world_size: int) -> tuple[Config, int, int]:
     cfg = apply_phase(load_config(config, overrides))
     if cfg.train.ema_decay > 0:
@@ -84,6 +96,7 @@ def preflight(config: Optional[str], overrides: list[str], world_size: int) -> t
                           "not keep yet; set it to 0")
     dp, accum = check_world(cfg, world_size)
     check_shards(cfg)
+    check_run_dir(cfg)
     return cfg, dp, accum
 
 
@@ -93,13 +106,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     group = ap.add_mutually_exclusive_group(required=True)
     group.add_argument("--world", type=int, help="number of ranks that will be started")
     group.add_argument("--hostfile", help="DeepSpeed hostfile (world = sum of slots)")
+    ap.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = ap.parse_args(argv)
     try:
         world = args.world if args.world is not None else hostfile_slots(args.hostfile)
         cfg, dp, accum = preflight(args.config, args.overrides, world)
+        done = finished(cfg)
     except ConfigError as e:
+        if args.debug:
+            raise
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return exit_codes.USER_ERROR
+    if done:
+        print(done)
+        return exit_codes.PREFLIGHT_FINISHED
     data = cfg.data.shards or "synthetic (written into the run directory by rank 0)"
     print(f"preflight ok: world={world} sp={cfg.parallel.sp} dp={dp} micro_batch={cfg.train.micro_batch} "
           f"grad_accum={accum} global_batch={cfg.train.global_batch} phase={cfg.train.phase} data={data}")

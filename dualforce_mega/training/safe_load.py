@@ -6,9 +6,14 @@ those names — and only those — are allow-listed, and they are *not* mapped t
 classes but to inert records (:class:`InertObject`) that merely keep their constructor arguments
 and state. Nothing from a checkpoint can run code, and the converter does not need DeepSpeed
 installed. Any other global makes the load fail with an error naming the file and the global.
+
+The trainer's resume (``deepspeed_classes=True``, through :class:`SafeCheckpointEngine`) allows the same
+names mapped to the real DeepSpeed classes, which its own loading code expects: still no other global,
+so still no code from the checkpoint.
 """
 from __future__ import annotations
 
+import importlib
 import pickle
 from pathlib import Path
 from typing import Any, Union
@@ -53,8 +58,20 @@ def _inert_class(name: str) -> type:
 _INERT = [(_inert_class(n), n) for n in DEEPSPEED_PICKLED_TYPES]
 
 
+def _real_classes() -> list[type]:
+    out = []
+    for name in DEEPSPEED_PICKLED_TYPES:
+        module, attr = name.rsplit(".", 1)
+        out.append(getattr(importlib.import_module(module), attr))
+    return out
+
+
 class UnsafeCheckpointError(pickle.UnpicklingError):
     """A checkpoint file needs something other than tensors, containers and allow-listed records."""
+
+
+# torch's weights-only unpickler says this when a global is not allowed (as opposed to a damaged file)
+_WEIGHTS_ONLY_REFUSAL = "Weights only load failed"
 
 
 _REASON_PREFIXES = ("Trying to", "Unsupported", "Can only", "Unsupported global")
@@ -62,26 +79,32 @@ _REASON_PREFIXES = ("Trying to", "Unsupported", "Can only", "Unsupported global"
 
 def _reason(e: Exception) -> str:
     """The line of torch's weights-only error that names the offending global (not its generic advice)."""
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    lines = [ln.strip().split("WeightsUnpickler error:", 1)[-1].split(". Please use", 1)[0].strip()
+             for ln in str(e).splitlines() if ln.strip()]
     hits = [ln for ln in lines if ln.startswith(_REASON_PREFIXES)]
     return hits[0] if hits else (lines[-1] if lines else repr(e))
 
 
-def safe_torch_load(path: Union[str, Path], mmap: bool = False) -> Any:
-    """``torch.load`` on CPU with ``weights_only=True`` and inert DeepSpeed records.
+def safe_torch_load(path: Union[str, Path], mmap: bool = False, map_location: Any = "cpu",
+                    deepspeed_classes: bool = False) -> Any:
+    """``torch.load`` with ``weights_only=True`` and the allow-listed DeepSpeed names, as inert records
+    (default) or as the real DeepSpeed classes (``deepspeed_classes``, for DeepSpeed's own loader).
 
     ``mmap=True`` maps tensor storages from the file instead of reading them, so a rank's
     optimizer file (fp32 partition + Adam moments) costs memory only for the slices read.
     """
     path = Path(path)
+    allowed = _real_classes() if deepspeed_classes else _INERT
     try:
-        with torch.serialization.safe_globals(_INERT):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
+        if _WEIGHTS_ONLY_REFUSAL not in str(e):
+            raise
         raise UnsafeCheckpointError(
             f"{path}: refused to load — it contains objects outside the weights-only allow-list "
             f"(tensors, containers and {', '.join(DEEPSPEED_PICKLED_TYPES)}): {_reason(e)}") from e
     except RuntimeError as e:
         if "mmap" in str(e) and mmap:  # legacy (non-zip) torch.save files cannot be mapped
-            return safe_torch_load(path, mmap=False)
+            return safe_torch_load(path, mmap=False, map_location=map_location, deepspeed_classes=deepspeed_classes)
         raise

@@ -2,22 +2,27 @@
 
     python -m dualforce_mega.training.train --config FILE --set section.key=value ...
 
-Started by ``launch/*.sh`` (DeepSpeed launcher) or any launcher that sets RANK / WORLD_SIZE /
-LOCAL_RANK / MASTER_ADDR / MASTER_PORT (torchrun, deepspeed, srun wrappers). Without them it runs as a
-single process. Running the same command again resumes from ``<run.dir>/checkpoints/latest``.
+Started by ``launch/*.sh`` (``dualforce_mega.training.launcher``), the DeepSpeed launcher or any launcher
+that sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT (torchrun, srun wrappers). Without
+them it runs as a single process. Running the same command again resumes from
+``<run.dir>/checkpoints/latest``; a finished run exits at once. Exit codes: ``training/exit_codes.py``.
+A user error ends with one line (``--debug`` shows the traceback).
 """
 from __future__ import annotations
 
 import argparse
 import logging
+from datetime import timedelta
 import os
 import socket
 import sys
 from pathlib import Path
 from typing import Optional
 
+from ..cli import USER_ERRORS, debug_requested, error_line, strip_debug
 from ..config import ConfigError, add_config_arguments, save_config
-from .preflight import preflight
+from . import exit_codes
+from .preflight import finished, preflight
 
 log = logging.getLogger("dualforce_mega.training")
 
@@ -31,14 +36,17 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 
 
 def setup_logging(rank: int, run_dir: Optional[Path] = None) -> None:
+    """stderr: INFO on rank 0, WARNING on the others. ``<run.dir>/train.log``: the same records of every
+    rank (one appended line per record, each prefixed with its rank)."""
     fmt = f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s"
     level = logging.INFO if rank == 0 else logging.WARNING
     root = logging.getLogger()
     if not root.handlers:
         logging.basicConfig(level=level, format=fmt, stream=sys.stderr)
     root.setLevel(level)
-    if run_dir is not None and rank == 0:
+    if run_dir is not None:
         handler = logging.FileHandler(run_dir / "train.log")
+        handler.setLevel(level)
         handler.setFormatter(logging.Formatter(fmt))
         root.addHandler(handler)
 
@@ -59,17 +67,34 @@ def _single_process_env() -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    args = parse_args(argv)
+    raw = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(strip_debug(raw))
     _single_process_env()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", args.local_rank or 0))
     setup_logging(rank)
     try:   # the same checks launch/*.sh ran before spawning, for direct `deepspeed` / torchrun users
         cfg, _, _ = preflight(args.config, args.overrides, world)
+        done = finished(cfg)
     except ConfigError as e:
         log.error("%s", e)
-        return 2
+        return exit_codes.USER_ERROR
+    if done:               # before any process group exists: nothing to tear down
+        log.info("%s", done)
+        return exit_codes.OK
+    try:
+        return _train(cfg, rank, world, local_rank)
+    except exit_codes.TrainingStop as e:
+        log.error("%s", e)
+        return e.exit_code
+    except USER_ERRORS as e:
+        if debug_requested(raw):
+            raise
+        log.error("%s", error_line(e))
+        return exit_codes.USER_ERROR
 
+
+def _train(cfg, rank: int, world: int, local_rank: int) -> int:
     import deepspeed
     import torch
 
@@ -84,7 +109,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     else:
         device = torch.device("cpu")
         backend = "gloo"    # DeepSpeed's CPU accelerator would pick oneCCL
-    deepspeed.init_distributed(dist_backend=backend)
+    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=cfg.run.collective_timeout_s))
     groups = init_groups(cfg.parallel.sp)
 
     run_dir = Path(cfg.run.dir)
@@ -96,12 +121,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     if rank == 0:
         save_config(cfg, run_dir / "config.yaml")
     trainer = Trainer(cfg, groups, device, rank, world)
-    trainer.fit()
+    try:
+        trainer.fit()
+    except exit_codes.TrainingStop as e:
+        if e.collective:           # every rank stopped at the same point: leave the group cleanly
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+        raise
     torch.distributed.barrier()
     log.info("training finished: %s", run_dir)
     torch.distributed.destroy_process_group()
     log.info("process group destroyed")
-    return 0
+    return exit_codes.OK
 
 
 if __name__ == "__main__":

@@ -22,6 +22,10 @@ unmapped, so the partitions are re-mapped every ``remap_bytes`` (the converter's
 
 Stage-1/2 ``module`` state dicts hold full tensors; parameters the optimizer does not own (frozen ones,
 which stage 1 lists nowhere else) are taken from there.
+
+The Adam moments (``optimizer_state_dict.state[i].exp_avg`` / ``exp_avg_sq``, one flat tensor per fp32
+group) use the fp32 groups' layout, so ``ZeroCheckpoint(tag, source="exp_avg")`` reads them the same
+way (the trainer's elastic resume, ``training/elastic.py``).
 """
 from __future__ import annotations
 
@@ -40,6 +44,7 @@ log = logging.getLogger(__name__)
 
 OPTIM_KEY = "optimizer_state_dict"
 LATEST = "latest"
+SOURCES = ("fp32", "exp_avg", "exp_avg_sq")   # what :meth:`ZeroCheckpoint.params` reads
 
 
 class ZeroCheckpointError(ValueError):
@@ -107,7 +112,10 @@ def _read_range(pieces: list[torch.Tensor], starts: list[int], lo: int, hi: int)
 class ZeroCheckpoint:
     """One tag directory; :meth:`specs` lists the tensors, :meth:`tensors` yields them in that order."""
 
-    def __init__(self, tag_dir: Path):
+    def __init__(self, tag_dir: Path, source: str = "fp32"):
+        if source not in SOURCES:
+            raise ValueError(f"source {source!r} is not one of {SOURCES}")
+        self.source = source
         self.tag_dir = Path(tag_dir)
         self.model_files = sorted(self.tag_dir.glob("*_model_states.pt"), key=_natural_key)
         self.optim_files = sorted(self.tag_dir.glob("*_optim_states.pt"), key=_natural_key)
@@ -148,8 +156,13 @@ class ZeroCheckpoint:
         flat = []
         for f, sd in zip(self.optim_files, self._optim):
             groups = sd[OPTIM_KEY].get(key)
+            what = key
+            if self.source != "fp32":     # the moments: one flat tensor per fp32 group, same layout
+                what = f"optimizer_state_dict.state[*].{self.source}"
+                state = (sd[OPTIM_KEY].get("optimizer_state_dict") or {}).get("state") or {}
+                groups = [state[i].get(self.source) for i in sorted(state)] if len(state) == len(groups or ()) else None
             if not isinstance(groups, list) or not all(torch.is_tensor(t) for t in groups):
-                raise ZeroCheckpointError(f"{f}: {OPTIM_KEY}.{key} is missing or not a list of tensors")
+                raise ZeroCheckpointError(f"{f}: {OPTIM_KEY}.{what} is missing or not a list of tensors")
             flat.append([t.detach().reshape(-1) for t in groups])  # saved with requires_grad
         self.flat = flat
 
@@ -163,6 +176,15 @@ class ZeroCheckpoint:
         return True
 
     # ------------------------------------------------------------------ metadata
+    @property
+    def optimizer_state(self) -> dict[str, Any]:
+        """Rank 0's ZeRO optimizer state (stage, loss scaler, the base optimizer's state dict, fp32 groups)."""
+        return self._optim[0][OPTIM_KEY]
+
+    def params(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The trainable parameters (of ``source``), in flat-buffer order, one at a time."""
+        return self._stage3_params() if self.stage == 3 else self._stage12_params()
+
     @property
     def global_steps(self) -> Optional[int]:
         return self.model0.get("global_steps")
