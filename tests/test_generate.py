@@ -70,9 +70,38 @@ def test_mp4_frames_audio_and_latents(tmp_path):
     assert not (tmp_path / "out.partial.mp4").exists()
 
 
+def write_trained_bundle(folder: Path):
+    """A bundle of the tiny preset whose zero-initialised parts (output heads, gates) are random, as in a
+    trained model: the velocity is non-zero and every frame depends on its history. (``--random-preset
+    tiny`` predicts velocity 0, so any two sampling paths return the same initial noise.)"""
+    import json
+
+    from safetensors.torch import save_file
+
+    from dualforce_mega.config import build_config
+    from dualforce_mega.models.dualforce import DualForceModel
+
+    torch.manual_seed(0)
+    cfg = build_config({"model": {"preset": "tiny"}})
+    model = DualForceModel(cfg.model).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.abs().max() == 0:
+                p.normal_(0.0, 0.1)
+    vae, speech = tiny_vae(), tiny_audio_encoder(cfg.model.audio_dim)
+    bundle = folder / "bundle"
+    bundle.mkdir()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(bundle / "model.safetensors"))
+    (bundle / "config.json").write_text(json.dumps(cfg.to_dict()))
+    vae.save_pretrained(str(bundle / "vae"))
+    speech.save_pretrained(str(bundle / "audio_encoder"))
+    return bundle, model, cfg, vae, speech
+
+
 def test_cli_kv_cache_equals_recompute(tmp_path):
+    bundle, *_ = write_trained_bundle(tmp_path)
     image, audio = write_inputs(tmp_path, "a", seconds=0.5)
-    common = ["--ref", str(image), "--audio", str(audio), "--random-preset", "tiny", "--steps", "2",
+    common = ["--ref", str(image), "--audio", str(audio), "--bundle", str(bundle), "--steps", "2",
               "--window-blocks", "2", "--quiet", *SIZE]
     main(common + ["--out", str(tmp_path / "c.mp4"), "--save-latents", str(tmp_path / "c.st")])
     main(common + ["--out", str(tmp_path / "r.mp4"), "--save-latents", str(tmp_path / "r.st"), "--no-kv-cache"])
@@ -156,28 +185,10 @@ def test_bad_inputs_name_the_file(tmp_path):
 def test_bundle_path_matches_in_memory_pipeline(tmp_path):
     """--bundle loads DiT weights + config, BUNDLE/vae and BUNDLE/audio_encoder from disk; the
     result equals generating with the same objects in memory."""
-    from safetensors.torch import save_file
-
-    from dualforce_mega.config import build_config
-    from dualforce_mega.models.dualforce import DualForceModel
     from eval.batch import Job
     from eval.pipeline import GenerateOptions, Pipeline, generate_one
 
-    torch.manual_seed(0)
-    cfg = build_config({"model": {"preset": "tiny"}})
-    model = DualForceModel(cfg.model).eval()
-    with torch.no_grad():  # a "trained" model: no zero heads / gates
-        for p in model.parameters():
-            if p.abs().max() == 0:
-                p.normal_(0.0, 0.1)
-    vae, speech = tiny_vae(), tiny_audio_encoder(cfg.model.audio_dim)
-    bundle = tmp_path / "bundle"
-    bundle.mkdir()
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(bundle / "model.safetensors"))
-    (bundle / "config.json").write_text(__import__("json").dumps(cfg.to_dict()))
-    vae.save_pretrained(str(bundle / "vae"))
-    speech.save_pretrained(str(bundle / "audio_encoder"))
-
+    bundle, model, cfg, vae, speech = write_trained_bundle(tmp_path)
     image, audio = write_inputs(tmp_path, "a", seconds=0.3)
     lat_cli = tmp_path / "cli.safetensors"
     assert main(["--ref", str(image), "--audio", str(audio), "--out", str(tmp_path / "cli.mp4"), "--bundle",
