@@ -45,3 +45,19 @@ def random_inputs(cfg: ModelConfig, batch: int = 2, frames: int = 4, hw: tuple =
         if cfg.text_dim:
             inputs["text_emb"] = torch.randn(batch, 5, cfg.text_dim, generator=g)
     return inputs
+
+
+def saved_activation_bytes(model: DualForceModel, inputs: dict) -> int:
+    """Bytes autograd saves for the backward during one training forward (what activation memory is):
+    every saved tensor's storage counted once, parameters and the inputs themselves excluded."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        s = t.untyped_storage()
+        storages[s.data_ptr()] = max(storages.get(s.data_ptr(), 0), s.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(**inputs, return_aux=True)
+    excluded = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *inputs.values()]}
+    return sum(n for ptr, n in storages.items() if ptr not in excluded)

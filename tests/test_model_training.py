@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from dualforce_mega.models import DualForceModel
-from model_utils import random_inputs, randomize_heads, tiny_model
+from dualforce_mega.plan_activations import activation_report
+from model_utils import random_inputs, randomize_heads, saved_activation_bytes, tiny_model
 
 
 def _loss(out, targets: dict) -> torch.Tensor:
@@ -101,15 +102,24 @@ def test_struct_inputs_ignored_by_phase2_model_and_video_only_call_of_full_model
     assert out.struct is None and out.video.shape == inputs["video_latent"].shape
 
 
-def test_gradient_checkpointing_matches() -> None:
+def test_gradient_checkpointing_matches_and_keeps_only_layer_inputs() -> None:
     model = tiny_model()
     randomize_heads(model)
     inputs = random_inputs(model.cfg)
-    grads = []
+    grads, saved = [], []
     for ckpt in (False, True):
         model.zero_grad()
         model.gradient_checkpointing = ckpt
         out = model(**inputs, return_aux=True)
         _loss(out, _targets(out)).backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+        saved.append(saved_activation_bytes(model, inputs))
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
+    # checkpointing is really on: the forward keeps each layer's inputs (and what lies outside the
+    # layers), not the layers' activations: within the planner's bound, far below the bytes without checkpointing
+    f, h, w = inputs["video_latent"].shape[2:]
+    _, ph, pw = model.cfg.patch_size
+    rep = activation_report(model.cfg, inputs["video_latent"].shape[0], f, (h // ph, w // pw), 1, 4, True,
+                            inputs["text_emb"].shape[1])
+    assert saved[0] > rep.layer_inputs + rep.outside >= saved[1], (saved, rep.layer_inputs + rep.outside)
+    assert saved[1] < saved[0] / 4, saved
