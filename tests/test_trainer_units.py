@@ -22,7 +22,7 @@ from dualforce_mega.training.metrics import MetricAccumulator
 from dualforce_mega.training.phase import apply_phase
 from dualforce_mega.training.preflight import check_shards, check_world, hostfile_slots
 from dualforce_mega.training.schedule import build_lr_scheduler, lr_factor
-from dualforce_mega.training.trainer import sample_training_flops, tokens_in
+from dualforce_mega.training.trainer import build_model, sample_training_flops, tokens_in
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = ("launch/pretrain_causal.sh", "launch/train_dualforce.sh")
@@ -277,6 +277,12 @@ def test_script_defaults_under_a_launcher() -> None:
 
 
 # ------------------------------------------------------------------------------ throughput accounting
+@pytest.mark.parametrize("on", [False, True])
+def test_trainer_model_follows_activation_checkpointing(on: bool) -> None:
+    cfg = build_config({}, [f"train.activation_checkpointing={str(on).lower()}"])
+    assert build_model(cfg).gradient_checkpointing is on
+
+
 def test_flops_and_tokens_follow_the_batch_shapes() -> None:
     cfg = build_config({})
     m = cfg.model
