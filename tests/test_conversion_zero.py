@@ -73,6 +73,7 @@ def _engine_job(run_dir: Path) -> None:
     from dualforce_mega.config import load_config
     from dualforce_mega.parallel.deepspeed_config import build_deepspeed_config, optimizer_param_groups
     from dualforce_mega.parallel.groups import init_groups
+    from dualforce_mega.summary import count_parameters
     from dualforce_mega.training.trainer import Trainer, build_model
     from model_utils import random_inputs, randomize_heads
 
@@ -84,15 +85,22 @@ def _engine_job(run_dir: Path) -> None:
     assert resumed is not None and resumed.step == TRAIN_STEPS
     outputs = {"trainer_zero3": forward(trainer.engine, cfg.model)}
     params = {"trainer_zero3": full_parameters(trainer.engine)}
+    counts = {}
     for name, stage in EXTRA.items():
         c = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, zero_stage=stage))
         model = build_model(c)
         randomize_heads(model)          # gradients reach every trainable parameter
         for p in model.video.patch_embedding.parameters():
             p.requires_grad_(False)     # frozen parameters take a separate path in ZeRO checkpoints
-        engine, *_ = deepspeed.initialize(model=model, config=build_deepspeed_config(c, world, "cpu"),
+        ds_config = build_deepspeed_config(c, world, "cpu")
+        if stage == 3:   # partition even the tiny model's small parameters (kept whole below 1e5 elements)
+            ds_config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+        engine, *_ = deepspeed.initialize(model=model, config=ds_config,
                                           model_parameters=optimizer_param_groups(model, c.train.weight_decay),
                                           dist_init_required=False)
+        if stage == 3:   # what count_parameters sees of a partitioned model: empty placeholders + ds_numel
+            counts = {"placeholders": sum(p.numel() == 0 for p in engine.module.parameters()),
+                      "counts": count_parameters(engine.module.named_parameters())}
         for step in range(2):
             out = engine(**random_inputs(c.model, batch=1, frames=3, hw=(4, 4), seed=10 * step + rank),
                          return_aux=True)
@@ -104,6 +112,7 @@ def _engine_job(run_dir: Path) -> None:
     if rank == 0:
         torch.save(outputs, run_dir / "engine_outputs.pt")
         torch.save(params, run_dir / "engine_parameters.pt")
+        (run_dir / "engine_counts.json").write_text(json.dumps(counts))
     dist.barrier()
 
 
@@ -188,6 +197,21 @@ def test_trainer_zero3_checkpoint_converts_losslessly(run_dir, engine_outputs, e
     assert_lossless(read_state_dict(out), run_dir / "checkpoints", tag, engine_parameters["trainer_zero3"])
     assert_forward_close(forward(model, cfg.model), engine_outputs["trainer_zero3"])
     assert json.loads((out / "config.json").read_text())["model"] == cfg.to_dict()["model"]
+
+
+def test_parameter_counts_of_a_zero3_partitioned_model(run_dir):
+    """summary.count_parameters sizes ZeRO-3's empty placeholders by ds_numel: the partitioned engine's
+    counts equal those of the unpartitioned model (with the same frozen patch embedding)."""
+    from dualforce_mega.config import load_config
+    from dualforce_mega.models import DualForceModel
+    from dualforce_mega.summary import count_parameters
+
+    engine = json.loads((run_dir / "engine_counts.json").read_text())
+    model = DualForceModel(load_config(str(run_dir / "config.yaml")).model)
+    for p in model.video.patch_embedding.parameters():
+        p.requires_grad_(False)
+    assert engine["placeholders"] == len(list(model.parameters()))
+    assert engine["counts"] == count_parameters(model.named_parameters())
 
 
 def test_one_ulp_change_fails_the_checks(run_dir, engine_parameters, tmp_path):

@@ -212,6 +212,23 @@ def test_batches_bucket_equal_shapes_and_text_follows_the_model(tmp_path: Path) 
     assert "text_emb" not in next(build_loader(no_text, 0, 1))
 
 
+def test_batches_bucket_by_text_length(tmp_path: Path) -> None:
+    """Clips of one latent size whose text has 3 or 2 tokens: never in one batch (they could not stack)."""
+    cfg = config(tmp_path, **{"train.micro_batch": 2})
+    lengths = {}
+    with ShardWriter(tmp_path, cfg.model, max_shard_samples=5) as w:
+        for i in range(10):
+            t, m = make_synthetic_clip(i, FRAMES, HW, cfg.model, seed=0)
+            t["text_emb"] = t["text_emb"][:3 - i % 2]
+            lengths[f"clip_{i}"] = t["text_emb"].shape[0]
+            w.write(f"clip_{i}", to_storage(t), {**m, "source_dataset": "synthetic"})
+    seen = []
+    for batch in take(build_loader(cfg, 0, 1), 4):   # 5 clips per length -> 2 full batches each
+        assert {lengths[k] for k in batch["__key__"]} == {batch["text_emb"].shape[1]}, batch["__key__"]
+        seen += batch["__key__"]
+    assert sorted(lengths[k] for k in seen) == [2] * 4 + [3] * 4
+
+
 def test_clear_errors_for_bad_shard_sets(shard_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(ShardSetError, match=str(tmp_path / "missing")):
         build_loader(config(tmp_path / "missing"), 0, 1)

@@ -104,14 +104,30 @@ def test_single_process_is_deterministic():
     assert batch["__index__"].tolist() == [0, 1] and len(batch["__key__"]) == 2
 
 
+def _loss_with_noisy_inputs_of(model, objective, batch: dict, seeds: torch.Tensor, other: torch.Tensor) -> dict:
+    """The objective's metrics when the noisy video latents and motion come from another noise draw
+    (other eps and sigma), while sigmas, conditioning and targets stay those of ``seeds``. A model that
+    ignores its noisy inputs scores exactly as with the true ones."""
+    inputs, targets = objective.prepare(batch, seeds)
+    decoy, _ = objective.prepare(batch, other)
+    inputs = dict(inputs, video_latent=decoy["video_latent"], struct=decoy["struct"])
+    with torch.no_grad():
+        return objective.losses(model(**inputs, return_aux=True), targets)[1]
+
+
 def test_tiny_model_learns_synthetic_clips():
-    """Must-show: total loss falls by > 30% and every component falls (mean of first vs last 20 steps)."""
+    """Must-show: total loss falls by > 30% and every component falls (mean of first vs last 20 steps),
+    and the trained model predicts from its noisy inputs (not only from sigma and the conditioning)."""
+    from dualforce_mega.diffusion.objective import DiffusionForcingObjective
+    from dualforce_mega.training.single_process import build_model
+
     steps, tail = 240, 20
     cfg = build_config({}, ["data.window=3", "data.latent_height=8", "data.latent_width=8",
                             "data.synthetic_clips=32", "data.synthetic_frames=6",
                             "train.lr=2e-3", "train.warmup_steps=10", "train.log_every=0"])
     clips = synthetic_clips(cfg)
-    history = train_single_process(cfg, window_batches(clips, cfg, batch_size=8), steps=steps)
+    model = build_model(cfg)
+    history = train_single_process(cfg, window_batches(clips, cfg, batch_size=8), steps=steps, model=model)
 
     def mean(name: str, part: list) -> float:
         return sum(h[name] for h in part) / len(part)
@@ -122,6 +138,16 @@ def test_tiny_model_learns_synthetic_clips():
     assert drop["loss"] > 0.30, drop
     for k, v in drop.items():
         assert v > 0.25, (k, drop)
+
+    model.eval()
+    objective = DiffusionForcingObjective(cfg)
+    batch = next(window_batches(clips, cfg, batch_size=8))
+    seeds = torch.arange(8) + 10**6
+    true = _loss_with_noisy_inputs_of(model, objective, batch, seeds, seeds)
+    decoy = _loss_with_noisy_inputs_of(model, objective, batch, seeds, seeds + 8)
+    # measured: video 0.85 vs 2.05 with a decoy. (The motion stream's loss falls through its conditioning
+    # but not yet through its noisy input at this budget -- 1.12 vs 1.14 -- so only the video is asserted.)
+    assert true["loss_video"] < 0.6 * decoy["loss_video"], (true, decoy)
 
 
 def test_cli_reports_first_and_last_losses(capsys):

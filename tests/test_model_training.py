@@ -95,10 +95,19 @@ def test_phase2_video_only_model() -> None:
 
 
 def test_struct_inputs_ignored_by_phase2_model_and_video_only_call_of_full_model() -> None:
+    # Phase 2 batches still carry motion, keypoints and audio: the video-only model ignores them (the
+    # same computation as without them, so bit-identical in one process)
+    phase2 = tiny_model(struct_tower=False, audio=False)
+    randomize_heads(phase2)
+    inputs = random_inputs(phase2.cfg)       # struct, sigma_struct, kp_canonical, audio, text_emb
+    assert {"struct", "sigma_struct", "kp_canonical", "audio"} <= inputs.keys()
+    video_only = {k: inputs[k] for k in ("video_latent", "sigma_video", "text_emb")}
+    with torch.no_grad():
+        out, ref = phase2(**inputs, return_aux=True), phase2(**video_only, return_aux=True)
+    assert out.struct is None and out.flame is None and torch.equal(out.video, ref.video)
+    # and the full model called with video inputs only runs its video tower alone
     full = tiny_model()
-    inputs = random_inputs(full.cfg)
-    video_only = {k: inputs[k] for k in ("video_latent", "sigma_video")}
-    out = full(**video_only)
+    out = full(**{k: inputs[k] for k in ("video_latent", "sigma_video")})
     assert out.struct is None and out.video.shape == inputs["video_latent"].shape
 
 

@@ -120,6 +120,21 @@ def test_cli_json_and_suggestion(capsys) -> None:
     assert fix["fits"]
 
 
+def test_nodes_multiply_the_world_and_shard_the_training_state(capsys) -> None:
+    """--nodes K: ZeRO-3 shards parameters, gradients and optimizer over gpus x K ranks; activations
+    (per rank: one SP shard of one micro batch) do not change."""
+    runs = {}
+    for nodes in (1, 2):
+        assert main(["--preset", "lite", "--frames", "128", "--resolution", "512", "--gpus", "8", "--nodes",
+                     str(nodes), "--sp", "2", "--json"]) == 0
+        runs[nodes] = json.loads(capsys.readouterr().out)
+    one, two = runs[1], runs[2]
+    assert (one["world"], one["dp"], two["world"], two["dp"]) == (8, 4, 16, 8)
+    for k in ("params", "grads", "optimizer"):
+        assert two["memory_gib"][k] == pytest.approx(one["memory_gib"][k] / 2)
+    assert two["memory_gib"]["activations"] == one["memory_gib"]["activations"]
+
+
 def test_block_causal_attention_flops_count_only_visible_pairs() -> None:
     dense = plan(PlanInput(preset="tiny", frames=33, resolution=128))
     f, hw = dense["latent_frames"], dense["latent_grid"][0] * dense["latent_grid"][1]
