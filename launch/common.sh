@@ -1,5 +1,7 @@
-# Shared bash side of launch/pretrain_causal.sh and launch/train_dualforce.sh (sourced, not run).
-# The caller sets PHASE (2 or 4) and SCRIPT (its own path). See docs/TRAINING.md.
+# Shared bash side of the training launch scripts (sourced, not run). See docs/TRAINING.md.
+# The caller sets SCRIPT (its own path) and either PHASE (2 or 4: launch/pretrain_causal.sh,
+# launch/train_dualforce.sh) or TASK_CONFIG (another task's default config: launch/train_faceformer.sh),
+# optionally DEFAULT_NPROC (ranks when --nproc is not given; otherwise every GPU, or 2 CPU ranks).
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -13,8 +15,8 @@ usage: bash $SCRIPT [--config FILE] [--set section.key=value ...] [--nproc N]
                     [--hostfile FILE [--master_addr ADDR]]
    or: deepspeed [launcher options] $SCRIPT [--config FILE] [--set section.key=value ...]
 
-  --config FILE     YAML config (default: launch/configs/phase$PHASE.yaml with GPUs,
-                    launch/configs/tiny_cpu.yaml without, in run.dir runs/tiny_cpu_phase$PHASE)
+  --config FILE     YAML config (default: ${TASK_CONFIG:-launch/configs/phase$PHASE.yaml with GPUs,
+                    launch/configs/tiny_cpu.yaml without, in run.dir runs/tiny_cpu_phase$PHASE})
   --set K=V         override one config key (repeatable), e.g. --set train.steps=100
   --nproc N         ranks on this node (default: the GPUs in CUDA_VISIBLE_DEVICES, else all GPUs
                     nvidia-smi lists, or 2 CPU ranks without GPUs)
@@ -71,7 +73,9 @@ if [[ "$GPUS" -eq 0 ]]; then
     export DS_ACCELERATOR=cpu      # ranks use gloo (train.py picks the backend)
 fi
 DEFAULT_SETS=()
-if [[ -z "$CONFIG" ]]; then
+if [[ -z "$CONFIG" && -n "${TASK_CONFIG:-}" ]]; then
+    CONFIG="$TASK_CONFIG"
+elif [[ -z "$CONFIG" ]]; then
     if [[ "$GPUS" -gt 0 ]]; then
         CONFIG="$REPO/launch/configs/phase$PHASE.yaml"
     else
@@ -80,7 +84,9 @@ if [[ -z "$CONFIG" ]]; then
         DEFAULT_SETS=(--set "run.dir=runs/tiny_cpu_phase$PHASE" --set "run.name=tiny_cpu_phase$PHASE")
     fi
 fi
-TRAIN_ARGS=(--config "$CONFIG" --set "train.phase=$PHASE" ${DEFAULT_SETS[@]+"${DEFAULT_SETS[@]}"} ${SETS[@]+"${SETS[@]}"})
+TRAIN_ARGS=(--config "$CONFIG")
+[[ -n "${PHASE:-}" ]] && TRAIN_ARGS+=(--set "train.phase=$PHASE")
+TRAIN_ARGS+=(${DEFAULT_SETS[@]+"${DEFAULT_SETS[@]}"} ${SETS[@]+"${SETS[@]}"})
 
 # every check that can fail does so here, before any rank starts; a finished run starts nothing
 preflight() {
@@ -99,6 +105,7 @@ if [[ -n "$HOSTFILE" ]]; then
     exec "$PYTHON" -m deepspeed.launcher.runner "${LAUNCH[@]}" "$SCRIPT" "${TRAIN_ARGS[@]}"
 fi
 
+[[ -z "$NPROC" && -n "${DEFAULT_NPROC:-}" ]] && NPROC="$DEFAULT_NPROC"   # a task's own default (FaceFormer: 1)
 if [[ -z "$NPROC" && "$GPUS" -gt 0 && -n "${CUDA_VISIBLE_DEVICES:-}" ]]; then
     # respect a GPU selection: one rank per listed device
     IFS=',' read -r -a VISIBLE <<< "$CUDA_VISIBLE_DEVICES"

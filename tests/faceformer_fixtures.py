@@ -122,6 +122,6 @@ def faceformer_sets(root: Path, flame: Path, run_dir: Path, **extra: str) -> lis
     sets = {"run.dir": str(run_dir), "data.root": str(root), "model.audio_encoder": "random:tiny",
             "model.flame_model": str(flame), "model.flame_shape_components": str(SHAPE_COMPONENTS),
             "data.max_frames": "20", "train.epochs": "0", "train.steps": "4", "train.save_every": "2",
-            "train.precision": "fp32", "run.tensorboard": "false"}
+            "train.precision": "fp32", "run.tensorboard": "false", "train.log_every": "1"}
     sets.update(extra)
     return [f"{k}={v}" for k, v in sets.items()]

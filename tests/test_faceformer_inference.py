@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from dualforce_mega.baselines.faceformer.build import build_model
+from dualforce_mega.baselines.faceformer.render import render_available
 from dualforce_mega.config import load_config, save_config
 from eval.baselines.faceformer import main as inference_main
 from eval.metrics.lve import main as lve_main
@@ -92,17 +93,19 @@ def test_writes_the_layout_and_reruns_skip_finished(run_dir, tmp_path, capsys) -
     assert json.loads((out / "exp1" / "metrics.json").read_text())["lve"] == pytest.approx(metrics["lve"])
 
 
-def test_broken_test_records_are_reported_and_the_rest_written(run_dir, tmp_path, capsys) -> None:
+def test_broken_test_records_are_reported_and_the_rest_written(run_dir, tmp_path, capsys, caplog) -> None:
     run, root = run_dir
     records = json.loads((root / "dataset_jsons/splits/MultiModal200_test.json").read_text())
     dup = dict(records[0], id="dup")                                   # same style -> same folder
     missing = dict(records[0], id="gone", style="other", audio="nope.wav")
     (tmp_path / "Extra_test.json").write_text(json.dumps(records + [dup, missing]))
     out = tmp_path / "out"
-    code = inference_main(["--run", str(run), "--out", str(out), "--exp-name", "e", "--device", "cpu",
+    code = inference_main(["--run", str(run), "--out", str(out), "--exp-name", "e", "--device", "cpu", "--render",
                            "--set", f"data.test=[{tmp_path / 'Extra_test.json'}]"])
     text = capsys.readouterr().out
     assert code == 1 and "records written: 1" in text and "skipped: 2" in text
     assert "nope.wav: audio: file not found" in text and "Extra_test.json[1]: style" in text
     assert len(list((out / "e" / "Extra" / "mm1_t_passionate").iterdir())) == 25
+    if render_available() is not None:      # pyrender is an optional extra: skipped cleanly without it
+        assert not list(out.rglob("*.mp4")) and "render skipped" in caplog.text
     assert inference_main(["--run", str(run / "nothing")]) == 2

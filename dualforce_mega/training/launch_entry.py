@@ -1,8 +1,9 @@
 """Python side of the ``launch/*.sh`` polyglot scripts: what each rank runs under DeepSpeed's launcher.
 
 Adds the script's defaults (phase, and the phase config on GPU machines or the tiny CPU config in the
-script's own run directory ``runs/tiny_cpu_phase<N>`` without GPUs, unless ``--config`` is given) and
-hands over to ``train.main``. The bash side (``launch/common.sh``) adds the same defaults.
+script's own run directory ``runs/tiny_cpu_phase<N>`` without GPUs, unless ``--config`` is given; or
+another task's own config) and hands over to ``train.main``. The bash side (``launch/common.sh``) adds the
+same defaults.
 """
 from __future__ import annotations
 
@@ -32,7 +33,9 @@ def default_sets(phase: int, has_gpu: bool) -> list[str]:
     return ["--set", f"run.dir=runs/tiny_cpu_phase{phase}", "--set", f"run.name=tiny_cpu_phase{phase}"]
 
 
-def script_args(phase: int, argv: list[str], has_gpu: bool) -> list[str]:
+def script_args(phase: Optional[int], argv: list[str], has_gpu: bool, config: Optional[str] = None) -> list[str]:
+    """The rank's arguments: without ``--config``, ``config`` (a task's own config) or the phase's default;
+    DualForce's scripts (``phase`` set) put ``--set train.phase=<phase>`` first."""
     args: list[str] = []
     i = 0
     while i < len(argv):
@@ -45,11 +48,17 @@ def script_args(phase: int, argv: list[str], has_gpu: bool) -> list[str]:
         args.append(arg)
         i += 1
     if not any(a == "--config" or a.startswith("--config=") for a in args):
-        args = ["--config", str(default_config(phase, has_gpu))] + default_sets(phase, has_gpu) + args
+        if config:
+            args = ["--config", str(CONFIG_DIR / config)] + args
+        else:
+            args = ["--config", str(default_config(phase, has_gpu))] + default_sets(phase, has_gpu) + args
+    if phase is None:
+        return args
     # the script's phase first: an explicit --set train.phase=... later on the command line still wins
     return ["--set", f"train.phase={phase}"] + args
 
 
-def main(phase: int, argv: Optional[list[str]] = None) -> int:
+def main(phase: Optional[int] = None, argv: Optional[list[str]] = None, config: Optional[str] = None) -> int:
+    """``phase``: DualForce's launch scripts; ``config``: another task's default config file name."""
     import torch
-    return train_main(script_args(phase, list(argv or []), torch.cuda.is_available()))
+    return train_main(script_args(phase, list(argv or []), torch.cuda.is_available(), config))

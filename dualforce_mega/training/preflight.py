@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from ..config import Config, ConfigError, add_config_arguments, load_config
 from ..parallel.deepspeed_config import grad_accum_steps
@@ -80,23 +80,28 @@ def hostfile_slots(path: str) -> int:
     return total
 
 
-def finished(cfg: Config) -> Optional[str]:
-    """The message for a run whose latest checkpoint reached ``train.steps`` (nothing to do), else None."""
-    step = check_run_dir(cfg)
-    if step is not None and step >= cfg.train.steps:
+def finished(cfg: Any) -> Optional[str]:
+    """The message for a run whose latest checkpoint reached ``train.steps`` (nothing to do), else None
+    (also when the task only knows its steps once it has read its data)."""
+    from .recipe import recipe_for
+    step = check_run_dir(cfg, recipe_for(cfg).derived_keys)
+    steps = recipe_for(cfg).known_steps(cfg)
+    if step is not None and steps is not None and step >= steps:
         return (f"nothing to do: {cfg.run.dir} is finished (checkpoint step {step} >= train.steps="
-                f"{cfg.train.steps}); raise train.steps to train on")
+                f"{steps}); raise train.steps to train on")
     return None
 
 
-def preflight(config: Optional[str], overrides: list[str], world_size: int) -> tuple[Config, int, int]:
-    cfg = apply_phase(load_config(config, overrides))
-    if cfg.train.ema_decay > 0:
-        raise ConfigError(f"train.ema_decay: {cfg.train.ema_decay} asks for EMA weights, which the trainer does "
-                          "not keep yet; set it to 0")
+def preflight(config: Optional[str], overrides: list[str], world_size: int) -> tuple[Any, int, int]:
+    """The config of any task (``run.task``), its data-parallel size and gradient accumulation steps."""
+    from .recipe import recipe_for
+    cfg = load_config(config, overrides)
+    if isinstance(cfg, Config):
+        cfg = apply_phase(cfg)
+    recipe = recipe_for(cfg)
     dp, accum = check_world(cfg, world_size)
-    check_shards(cfg)
-    check_run_dir(cfg)
+    recipe.check(cfg, world_size)
+    check_run_dir(cfg, recipe.derived_keys)
     return cfg, dp, accum
 
 
@@ -120,9 +125,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     if done:
         print(done)
         return exit_codes.PREFLIGHT_FINISHED
-    data = cfg.data.shards or "synthetic (written into the run directory by rank 0)"
+    if isinstance(cfg, Config):
+        what = f"phase={cfg.train.phase} data={cfg.data.shards or 'synthetic (written into the run directory by rank 0)'}"
+    else:
+        what = f"task={cfg.run.task}"
     print(f"preflight ok: world={world} sp={cfg.parallel.sp} dp={dp} micro_batch={cfg.train.micro_batch} "
-          f"grad_accum={accum} global_batch={cfg.train.global_batch} phase={cfg.train.phase} data={data}")
+          f"grad_accum={accum} global_batch={cfg.train.global_batch} {what}")
     return 0
 
 

@@ -57,15 +57,17 @@ def _resume_relevant(key: str) -> bool:
     return key.split(".", 1)[0] in RESUME_SECTIONS or key in RESUME_KEYS
 
 
-def config_differences(saved: dict[str, Any], cfg: Config) -> dict[str, tuple[Any, Any]]:
+def config_differences(saved: dict[str, Any], cfg: Config, derived: tuple[str, ...] = ()) -> dict[str, tuple[Any, Any]]:
     """key -> (saved value, new value) for the model / phase keys that differ. Keys the saved config does
-    not have (written by an older version) are not compared."""
+    not have (written by an older version) are not compared, nor ``derived`` keys left empty (a task fills
+    them in from its data, e.g. FaceFormer's ``model.subjects``)."""
     new = flat(cfg.to_dict())
     old = flat(saved)
-    return {k: (old[k], new[k]) for k in sorted(new) if _resume_relevant(k) and k in old and old[k] != new[k]}
+    return {k: (old[k], new[k]) for k in sorted(new) if _resume_relevant(k) and k in old and old[k] != new[k]
+            and not (k in derived and new[k] in (None, "", [], ()))}
 
 
-def check_run_dir(cfg: Config) -> Optional[int]:
+def check_run_dir(cfg: Config, derived: tuple[str, ...] = ()) -> Optional[int]:
     """Raise ``ConfigError`` when ``run.dir`` holds checkpoints of a different model / phase; returns the
     step of its latest checkpoint (None for a fresh run)."""
     run_dir = Path(cfg.run.dir)
@@ -80,7 +82,7 @@ def check_run_dir(cfg: Config) -> Optional[int]:
         saved = yaml.safe_load(saved_path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{saved_path}: cannot read the run's config ({e})") from None
-    diff = config_differences(saved, cfg)
+    diff = config_differences(saved, cfg, derived)
     if diff:
         shown = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in diff.items())
         raise ConfigError(

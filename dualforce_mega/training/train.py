@@ -99,7 +99,7 @@ def _train(cfg, rank: int, world: int, local_rank: int) -> int:
     import torch
 
     from ..parallel.groups import init_groups
-    from .data_setup import ensure_data
+    from .recipe import recipe_for
     from .trainer import Trainer
 
     if torch.cuda.is_available():
@@ -117,10 +117,11 @@ def _train(cfg, rank: int, world: int, local_rank: int) -> int:
         run_dir.mkdir(parents=True, exist_ok=True)
     torch.distributed.barrier()
     setup_logging(rank, run_dir)
-    cfg = ensure_data(cfg, rank)
+    recipe = recipe_for(cfg)
+    cfg = recipe.prepare(cfg, rank)      # data located / read; the resolved config is the run's config.yaml
     if rank == 0:
         save_config(cfg, run_dir / "config.yaml")
-    trainer = Trainer(cfg, groups, device, rank, world)
+    trainer = Trainer(cfg, groups, device, rank, world, recipe)
     try:
         trainer.fit()
     except exit_codes.TrainingStop as e:

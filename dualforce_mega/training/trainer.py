@@ -17,18 +17,16 @@ import torch
 
 from ..config import Config
 from ..diffusion.noise import sample_seeds
-from ..diffusion.objective import DiffusionForcingObjective
 from ..flops import forward_flops
 from ..models import DualForceModel
-from ..models.fp8 import apply_fp8, fp8_autocast
+from ..models.fp8 import fp8_autocast
 from ..parallel.deepspeed_config import (build_deepspeed_config, grad_accum_steps, optimizer_param_groups,
                                          resolve_precision)
 from ..parallel.groups import Groups
-from ..parallel.sequence_parallel import apply_sequence_parallel
 from .checkpoint import CheckpointManager, Resumed
-from .data_feed import GlobalBatchFeed
 from .metrics import MetricAccumulator, MetricsWriter
 from .monitor import GpuMonitor, measure_peak_flops, memory_mb, mfu
+from .recipe import recipe_for
 from .rng import capture_rng, restore_rng
 from .schedule import build_lr_scheduler
 
@@ -66,29 +64,32 @@ def sample_training_flops(cfg: Config, inputs: dict[str, torch.Tensor]) -> float
 
 
 class Trainer:
-    def __init__(self, cfg: Config, groups: Groups, device: torch.device, rank: int, world_size: int):
+    """``recipe`` (default: the one of ``run.task``, DualForce unless configured) supplies the model, the
+    objective, the data and any per-step work (training/recipe.py); the engine, batch layout, checkpoints
+    and metrics are the same for every task."""
+
+    def __init__(self, cfg: Any, groups: Groups, device: torch.device, rank: int, world_size: int,
+                 recipe: Any = None):
         self.cfg, self.groups, self.device = cfg, groups, device
         self.rank, self.world_size = rank, world_size
+        self.recipe = recipe or recipe_for(cfg)
         self.run_dir = Path(cfg.run.dir)
         self.precision = resolve_precision(cfg, device.type)
         self.dtype = _DTYPES[self.precision]
         self.accum = grad_accum_steps(cfg, groups.dp_size)
-        self.objective = DiffusionForcingObjective(cfg)
+        self.objective = self.recipe.objective(cfg, device)
+        self.model_kwargs = self.recipe.model_kwargs(cfg)
 
-        model = build_model(cfg)
-        # shard the video tokens over the SP group (no-op at sp=1); ranks of a group share the batch and
-        # noise, and DeepSpeed's world-average of gradients is then exact (parallel/sequence_parallel.py)
-        apply_sequence_parallel(model, groups.sp_group)
-        # FP8 linears replace parameters: convert on the final device and dtype, before the optimizer exists
-        model.to(device=device, dtype=self.dtype)
-        self.fp8 = apply_fp8(model, cfg, device)
+        torch.manual_seed(cfg.train.seed)   # identical initial weights on every rank before ZeRO partitions them
+        model = self.recipe.build_model(cfg)
+        self.fp8 = self.recipe.parallelize(model, cfg, device, self.dtype, groups)
         ds_config = build_deepspeed_config(cfg, groups.dp_size, device.type)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=optimizer_param_groups(model, cfg.train.weight_decay),
             config=ds_config, lr_scheduler=lambda opt: build_lr_scheduler(opt, cfg.train),
             dist_init_required=False)
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.train.keep_last, rank, world_size)
-        self.data = GlobalBatchFeed(cfg, groups.dp_rank, groups.dp_size, self.accum)
+        self.data = self.recipe.feed(cfg, groups.dp_rank, groups.dp_size, self.accum)
         self.gpu = GpuMonitor(device)
         self.peak_flops: Optional[float] = None
         self.flops_per_sample: Optional[float] = None
@@ -96,9 +97,9 @@ class Trainer:
             self.peak_flops = measure_peak_flops(device, self.dtype)
             log.info("measured matmul peak %.1f TFLOP/s (%s)", self.peak_flops / _TERA, self.precision)
         n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
-        log.info("model %s: %.2fM parameters, phase %d, precision %s, ZeRO-%d, dp=%d sp=%d, micro_batch=%d, "
-                 "grad_accum=%d, global_batch=%d", cfg.model.preset, n_params / 1e6, cfg.train.phase,
-                 self.precision, cfg.parallel.zero_stage, groups.dp_size, groups.sp_size, cfg.train.micro_batch,
+        log.info("%s: %.2fM parameters, precision %s, ZeRO-%d, dp=%d sp=%d, micro_batch=%d, "
+                 "grad_accum=%d, global_batch=%d", self.recipe.describe(cfg), n_params / 1e6, self.precision,
+                 cfg.parallel.zero_stage, groups.dp_size, groups.sp_size, cfg.train.micro_batch,
                  self.accum, cfg.train.global_batch)
 
     # ------------------------------------------------------------------ state
@@ -132,15 +133,15 @@ class Trainer:
         inputs, targets = self.objective.prepare(batch, seeds)
         inputs = self._model_inputs(inputs)
         if self.flops_per_sample is None:
-            self.flops_per_sample = sample_training_flops(self.cfg, inputs)
+            self.flops_per_sample = self.recipe.flops_per_sample(self.cfg, inputs)
         with fp8_autocast(self.fp8):
-            out = self.engine(**inputs, return_aux=True)
+            out = self.engine(**inputs, **self.model_kwargs)
         loss, metrics = self.objective.losses(out, targets.to(self.device))
         self.engine.backward(loss)
         self.engine.step()    # DeepSpeed only updates at the accumulation boundary
         # ranks of one sequence-parallel group share a sample: count its data once
         owner = self.groups.sp_rank == 0
-        acc.add(metrics, tokens_in(inputs, self.cfg.model.patch_size) if owner else 0,
+        acc.add(metrics, self.recipe.tokens(self.cfg, inputs) if owner else 0,
                 batch["__index__"].tolist() if owner else [])
 
     def fit(self) -> None:
@@ -163,15 +164,17 @@ class Trainer:
                 torch.cuda.synchronize(self.device)
             step_time = time.perf_counter() - t0
             done = step + 1
-            if done % cfg.train.log_every == 0 or done == cfg.train.steps:
-                self._log(writer, done, lr, step_time, acc)
+            extra = self.recipe.after_step(cfg, done, self.engine, self.objective, self.device, self.dtype,
+                                           self.rank, self.world_size)
+            if done % cfg.train.log_every == 0 or done == cfg.train.steps or extra:
+                self._log(writer, done, lr, step_time, acc, extra)
             if done % cfg.train.save_every == 0 or done == cfg.train.steps:
                 self._save(done)
         if writer is not None:
             writer.close()
 
     def _log(self, writer: Optional[MetricsWriter], step: int, lr: float, step_time: float,
-             acc: MetricAccumulator) -> None:
+             acc: MetricAccumulator, extra: Optional[dict[str, float]] = None) -> None:
         reduced = acc.reduce()     # collective: every rank takes part
         grad_norm = self.engine.get_global_grad_norm()
         if writer is None:
@@ -193,4 +196,5 @@ class Trainer:
         if value is not None:
             record["mfu"] = value
         record.update(self.gpu.read())
+        record.update(extra or {})
         writer.write(record, self.cfg.train.steps)

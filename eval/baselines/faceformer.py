@@ -21,7 +21,8 @@ import numpy as np
 
 from dualforce_mega.baselines.faceformer.build import build_flame
 from dualforce_mega.baselines.faceformer.config import TASK
-from dualforce_mega.baselines.faceformer.inference import (BEST_DIR, WEIGHTS_FILE, load_faceformer, run_inference)
+from dualforce_mega.baselines.faceformer.best import BEST_DIR, WEIGHTS_FILE
+from dualforce_mega.baselines.faceformer.inference import load_faceformer, run_inference
 from dualforce_mega.config import ConfigError, load_config
 from dualforce_mega.preprocess.flame_import import load_pickle
 from dualforce_mega.preprocess.netutil import resolve_device
@@ -48,6 +49,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     ap.add_argument("--flame-masks", help=f"FLAME_masks.pkl: LVE over '{LIP_KEY}', FDD over {'+'.join(UPPER_KEYS)}")
     ap.add_argument("--lip-vertices", help="lip vertex indices (.npy or text) for LVE")
     ap.add_argument("--upper-vertices", help="upper-face vertex indices (.npy or text) for FDD")
+    ap.add_argument("--render", action="store_true", help="also an mp4 per new record (needs pyrender + trimesh)")
     ap.add_argument("--device", default="auto")
     args = ap.parse_args(argv)
     if args.flame_masks and (args.lip_vertices or args.upper_vertices):
@@ -86,7 +88,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         flame = build_flame(cfg.model)
         summary = run_inference(cfg, lambda: load_faceformer(cfg, weights, device), flame, Path(args.out),
                                 args.exp_name or run.resolve().name, device,
-                                Path(args.gt_out) if args.gt_out else None, lips, upper, args.max_frames)
+                                Path(args.gt_out) if args.gt_out else None, lips, upper, args.max_frames,
+                                args.render)
     except (ConfigError, ValueError, OSError) as e:
         log.error("%s", e)
         return 2

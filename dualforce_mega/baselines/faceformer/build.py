@@ -13,6 +13,8 @@ from ...models.flame import FlameModel, FlameModelError
 from .config import RANDOM_AUDIO_ENCODER
 
 TINY_AUDIO_DIM = 32
+TINY_DETERMINISTIC = dict(layerdrop=0.0, hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+                          feat_proj_dropout=0.0, mask_time_prob=0.0)
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +25,8 @@ def build_audio_encoder(spec: str) -> tuple[nn.Module, bool]:
     if spec == RANDOM_AUDIO_ENCODER:
         log.warning("model.audio_encoder=%s: a RANDOM tiny wav2vec2 (hidden %d, no pretrained weights) -- smoke "
                     "runs and tests only", spec, TINY_AUDIO_DIM)
-        return tiny_audio_encoder(TINY_AUDIO_DIM, kind="wav2vec2", layerdrop=0.0), True
+        # no dropout and no time masking: smoke runs are deterministic, whatever the number of ranks
+        return tiny_audio_encoder(TINY_AUDIO_DIM, kind="wav2vec2", **TINY_DETERMINISTIC), True
     if not spec:
         raise ConfigError(f"model.audio_encoder: empty (a transformers wav2vec2 folder such as "
                           f"facebook/wav2vec2-base-960h, or {RANDOM_AUDIO_ENCODER})")

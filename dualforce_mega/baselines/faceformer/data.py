@@ -133,7 +133,8 @@ def scan(records: Sequence[Record], fps: float, expr_dims: int, min_frames: int,
         try:
             motion = load_motion(rec, fps, expr_dims)
         except FlameFormatError as e:
-            problems.append(Problem(str(rec.flame), "flame", f"{e} (record {rec.where})"))
+            why = str(e).removeprefix(f"{rec.flame}: ")
+            problems.append(Problem(str(rec.flame), "flame", f"{why} (record {rec.where})"))
             continue
         if not rec.audio.is_file():
             problems.append(Problem(str(rec.audio), "audio", f"file not found (record {rec.where})"))
@@ -141,7 +142,8 @@ def scan(records: Sequence[Record], fps: float, expr_dims: int, min_frames: int,
         try:
             total = load_audio(rec.audio, AUDIO_SAMPLE_RATE).numel()
         except ValueError as e:
-            problems.append(Problem(str(rec.audio), "audio", f"{e} (record {rec.where})"))
+            why = str(e).removeprefix(f"{rec.audio}: ")
+            problems.append(Problem(str(rec.audio), "audio", f"{why} (record {rec.where})"))
             continue
         frames = min(len(motion), math.floor(total * fps / AUDIO_SAMPLE_RATE))
         if max_frames is not None:

@@ -9,7 +9,8 @@ autoregressively (no ``data.max_frames`` cut), FLAME turns it into vertices, and
 filled under a temporary name and renamed when complete, so an existing folder is a finished record
 and a rerun skips it. Two test records of one dataset with the same style would share a folder: the
 second is reported and skipped. With ``gt_out`` the ground-truth meshes are written in the same layout
-(and ``template.npy``, the neutral FLAME mesh), for ``python -m eval.metrics.lve``. With lip vertex
+(and ``template.npy``, the neutral FLAME mesh), for ``python -m eval.metrics.lve``; ``render`` adds
+``{STYLE_ID}_passionate.mp4`` next to a new record's folder when pyrender is installed. With lip vertex
 indices, LVE (and FDD with upper-face indices) over all records is computed in place
 (``dualforce_mega.metrics.lve``) and written to ``{out}/{exp_name}/metrics.json``.
 """
@@ -34,14 +35,13 @@ from ...metrics.lve import lip_max_sq_errors, upper_motion_std
 from ...models.faceformer import FaceFormer
 from ...models.flame import FlameModel
 from ...preprocess.manifest import FAILED, OK, SKIPPED, Manifest
-from .build import build_flame, build_model
+from .build import build_model
 from .config import FaceFormerConfig
 from .data import Clip, Problem, collate, load_sample, load_split
+from .render import render_mp4
 
 STEP = "faceformer"
 STYLE_SUFFIX = "_passionate"
-BEST_DIR = "best"
-WEIGHTS_FILE = "model.safetensors"
 PARTIAL_PREFIX = "."
 PARTIAL_SUFFIX = ".partial"
 
@@ -120,7 +120,7 @@ class InferenceSummary:
 def run_inference(cfg: FaceFormerConfig, model_fn: Callable[[], FaceFormer], flame: FlameModel, out: Path,
                   exp_name: str, device: torch.device, gt_out: Optional[Path] = None,
                   lip_idx: Optional[Sequence[int]] = None, upper_idx: Optional[Sequence[int]] = None,
-                  max_frames: Optional[int] = None) -> InferenceSummary:
+                  max_frames: Optional[int] = None, render: bool = False) -> InferenceSummary:
     """Generate every test record not yet written (``model_fn`` builds the model only if one is left)."""
     d, m = cfg.data, cfg.model
     root = out / exp_name
@@ -174,6 +174,8 @@ def run_inference(cfg: FaceFormerConfig, model_fn: Callable[[], FaceFormer], fla
                                     batch["frames"].to(device), batch["style"].to(device))[0]
             verts = flame.motion_vertices(motion.float()).cpu().numpy()
         write_frames(folder, verts)
+        if render:
+            render_mp4(verts, flame.faces.cpu().numpy(), folder.with_name(folder.name + ".mp4"), d.fps, sample["audio"])
         if lve is not None:
             lve.add(verts, gt)
         summary.done += 1
