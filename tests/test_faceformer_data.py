@@ -122,9 +122,13 @@ def test_feed_order_is_world_size_independent_and_resumes(root) -> None:
     state = feed.state_dict()
     resumed = EpochFeed(clips, subjects, 0, 4, 1, 0, 1, 4)
     resumed.load_state_dict(state)
-    assert torch.equal(resumed.next(0)["motion"], feed.next(0)["motion"])
-    with pytest.raises(ValueError, match="streams"):
-        EpochFeed(clips, subjects, 0, 4, 1, 1, 2, 2).load_state_dict(state)
+    want = feed.next(0)["__index__"].tolist() + [feed.next(m)["__index__"].item() for m in (1, 2, 3)]
+    assert resumed.next(0)["__index__"].tolist() == want[:1] == [4]
+    elastic = EpochFeed(clips, subjects, 0, 4, 1, 1, 2, 2)      # rank 1 of 2: streams 2, 3 of the same state
+    elastic.load_state_dict(state)
+    assert [elastic.next(m)["__index__"].item() for m in (0, 1)] == want[2:]
+    with pytest.raises(ValueError, match=r"holds logical data streams \[0, 1\], this rank owns \[2, 3\]"):
+        elastic.load_state_dict({"streams": [0, 1], "loaders": state["loaders"][:2]})
 
 
 def test_validation_split_over_ranks_covers_every_clip_once(root) -> None:

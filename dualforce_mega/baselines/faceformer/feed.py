@@ -5,7 +5,8 @@ Training (the contract of ``training.data_feed.GlobalBatchFeed``: ``next(micro)`
 ``perm_e`` is a permutation of the N training clips seeded by ``(data.seed, e)``. Optimizer step ``s``
 takes samples ``s*G .. s*G+G-1`` (G = global batch) as ``L = G / micro_batch`` logical streams of
 ``micro_batch`` consecutive samples; data-parallel rank ``r`` with ``A`` accumulation steps computes
-streams ``r*A .. r*A+A-1``. The position is the number of micro batches taken, so resuming is exact.
+streams ``r*A .. r*A+A-1``. The position is the number of optimizer steps served, so resuming is exact,
+also on another number of ranks.
 
 Validation: clip i goes to rank ``i mod world``; every rank runs the same number of batches (ZeRO-3's
 forward is collective), padded with masked-out repeats of clip 0.
@@ -59,13 +60,21 @@ class EpochFeed:
         return collate([load_sample(self.clips[self.clip_of(g)], self.subjects) for g in ids], ids)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"streams": list(self.streams), "taken": self.taken}
+        """Each owned logical stream's position: the optimizer steps it has served (the trainer's layout,
+        so a checkpoint of another world size can be merged and resumed, ``training/elastic.py``)."""
+        steps = self.taken // self.accum
+        return {"streams": list(self.streams), "loaders": [{"steps": steps} for _ in self.streams]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if list(state["streams"]) != self.streams:
-            raise ValueError(f"data state: saved for logical data streams {state['streams']}, this rank owns "
-                             f"{self.streams} (resume needs the same world size and batch layout)")
-        self.taken = int(state["taken"])
+        saved = dict(zip(state["streams"], state["loaders"]))
+        missing = [s for s in self.streams if s not in saved]
+        if missing:
+            raise ValueError(f"data state: the checkpoint holds logical data streams {sorted(saved)}, this rank "
+                             f"owns {self.streams} (train.global_batch / train.micro_batch changed?)")
+        steps = {int(saved[s]["steps"]) for s in self.streams}
+        if len(steps) != 1:
+            raise ValueError(f"data state: logical streams {self.streams} saved at different steps {sorted(steps)}")
+        self.taken = steps.pop() * self.accum
 
 
 def validation_batches(clips: Sequence[Clip], subjects: Sequence[str], rank: int, world: int, batch: int,
