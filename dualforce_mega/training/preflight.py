@@ -84,8 +84,9 @@ def finished(cfg: Any) -> Optional[str]:
     """The message for a run whose latest checkpoint reached ``train.steps`` (nothing to do), else None
     (also when the task only knows its steps once it has read its data)."""
     from .recipe import recipe_for
-    step = check_run_dir(cfg, recipe_for(cfg).derived_keys)
-    steps = recipe_for(cfg).known_steps(cfg)
+    recipe = recipe_for(cfg)
+    step = check_run_dir(cfg, recipe.derived_keys)
+    steps = recipe.known_steps(cfg)
     if step is not None and steps is not None and step >= steps:
         return (f"nothing to do: {cfg.run.dir} is finished (checkpoint step {step} >= train.steps="
                 f"{steps}); raise train.steps to train on")
