@@ -20,7 +20,9 @@ REPO = Path(__file__).resolve().parents[1]
 LAUNCHER = [sys.executable, "-m", "dualforce_mega.training.launcher"]
 DEADLINE_S = 60
 
-# a stand-in rank: writes its pid and environment, then behaves as argv[2] says
+# a stand-in rank: sets up its signal handling, writes its pid and environment (the file appears
+# complete), then behaves as argv[2] says; in the fail0 modes rank 0 fails once the test creates
+# OUT/go (no sleeps: the order of events must not depend on the machine's load)
 RANK = r"""
 import json, os, signal, sys, time
 out, mode = sys.argv[1], sys.argv[2]
@@ -29,15 +31,15 @@ keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "
 def done(signum, frame):
     open(f"{out}/signal{rank}", "w").write(str(signum))
     sys.exit(75)
-signal.signal(signal.SIGTERM, done)
+signal.signal(signal.SIGTERM, signal.SIG_IGN if mode == "fail0-stubborn" else done)
 signal.signal(signal.SIGUSR1, done)
-with open(f"{out}/rank{rank}.json", "w") as f:
+with open(f"{out}/.rank{rank}.tmp", "w") as f:
     json.dump({"pid": os.getpid(), **{k: os.environ[k] for k in keys}}, f)
+os.replace(f"{out}/.rank{rank}.tmp", f"{out}/rank{rank}.json")
 if mode.startswith("fail0") and rank == 0:
-    time.sleep(0.5)
+    while not os.path.exists(f"{out}/go"):
+        time.sleep(0.05)
     sys.exit(3)
-if mode == "fail0-stubborn":
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 while True:
     time.sleep(0.05)
 """
@@ -67,7 +69,6 @@ def _start(tmp_path: Path, mode: str, *opts: str) -> subprocess.Popen:
 
 def _ranks(tmp_path: Path, n: int) -> list[dict]:
     _wait_for(lambda: len(list(tmp_path.glob("rank*.json"))) == n, f"{n} ranks to start")
-    time.sleep(0.1)   # the files are complete once json.dump returned; give the last one a moment
     return [json.loads(p.read_text()) for p in sorted(tmp_path.glob("rank*.json"))]
 
 
@@ -96,6 +97,7 @@ def test_a_failed_rank_ends_the_job_and_leaves_no_rank(tmp_path: Path) -> None:
     """Rank 0 fails; rank 1 ignores SIGTERM (as a rank blocked in a collective would) and is SIGKILLed."""
     proc = _start(tmp_path, "fail0-stubborn", "--nproc", "2", "--kill-after-s", "1")
     ranks = _ranks(tmp_path, 2)
+    (tmp_path / "go").touch()
     rc = proc.wait(DEADLINE_S)
     log = proc.stdout.read()
     assert rc == 3 and "rank 0" in log and "exited with code 3" in log and "SIGKILL" in log, log
@@ -106,6 +108,7 @@ def test_a_stopped_rank_is_killed_when_another_fails(tmp_path: Path) -> None:
     proc = _start(tmp_path, "fail0", "--nproc", "2", "--kill-after-s", "1")
     ranks = _ranks(tmp_path, 2)
     os.kill(ranks[1]["pid"], signal.SIGSTOP)
+    (tmp_path / "go").touch()
     assert proc.wait(DEADLINE_S) == 3
     assert not alive(ranks[1]["pid"])
 
