@@ -1,13 +1,21 @@
-"""One-GPU training-step throughput: Phase 2 and Phase 4, bf16 vs FP8 side by side, MFU, memory.
+"""One-GPU training-step throughput: Phase 2 and Phase 4, one change at a time, side by side.
 
-Plain PyTorch step (no DeepSpeed): the real Diffusion Forcing objective (``DiffusionForcingObjective``)
-on a random batch with the trainer's batch schema, forward, backward, AdamW. Parameters are bf16.
+Every row runs the trainer's own preparation and step: ``parallel.parallelize`` (FP8 conversion where
+it pays, activation checkpointing, regional torch.compile) and ``training.step.TrainStep`` (the real
+Diffusion Forcing objective, forward, backward, clipping, torch's fused AdamW) on a random batch in
+the trainer's schema, without DeepSpeed. Parameters are bf16 on GPU.
+
+Variants (``--variants``, comma-separated): ``eager`` or ``compile``, then modifiers joined by ``+``:
+``ckpt`` (activation checkpointing on every layer), ``fp8`` (train.fp8, backend auto),
+``fp8=torchao|torch|te`` (one backend), ``rowwise`` (torchao's row-wise recipe), ``fp8all`` (FP8 on
+every candidate linear, not only where the size rule says it pays). The first variant of a phase is
+the reference its ``speedup`` column divides by: keep ``eager`` (the previous configuration) first.
+
 MFU = model FLOPs of the step (``dualforce_mega.flops``: block-causal pairs only, backward = 2x
-forward, recomputation not counted) / step time / bf16 matmul peak measured in the same run. FP8
-rows use the same bf16 peak, so their MFU shows the gain directly.
+forward, recomputation not counted) / step time / the bf16 matmul peak measured in the same run (and
+/ the datasheet peak in ``MFU sheet``). FP8 rows use the same bf16 peaks, so their MFU shows the gain.
 
-Then the largest number of latent frames one GPU trains with activation checkpointing: doubling
-from ``--frames`` until a step runs out of memory, then bisection.
+Then, optionally, the largest number of latent frames one GPU trains with activation checkpointing.
 
   python benchmarks/bench_train_step.py                  # lite, 33 frames 512^2 = 9 latent frames 64x64
   python benchmarks/bench_train_step.py --cpu-smoke      # tiny preset on CPU (CI)
@@ -24,14 +32,15 @@ import torch
 
 from common import (allow_recompiles, bench_device, csv_list, device_name, dump_json, fmt,  # noqa: I100
                     is_oom, markdown_table, release, time_fn)
-from dualforce_mega.config import Config, model_preset
-from dualforce_mega.diffusion.objective import DiffusionForcingObjective
-from dualforce_mega.flops import forward_flops
+from dualforce_mega.config import Config, model_preset, validate
 from dualforce_mega.models import DualForceModel
-from dualforce_mega.models.fp8 import FP8State, apply_fp8, fp8_autocast
+from dualforce_mega.models.fp8 import FP8_BACKENDS
 from dualforce_mega.models.layout import num_video_frames
-from dualforce_mega.training.monitor import measure_peak_flops
+from dualforce_mega.parallel.deepspeed_config import build_optimizer
+from dualforce_mega.parallel.parallelize import TrainShape, parallelize
+from dualforce_mega.training.monitor import datasheet_peak_flops, measure_peak_flops
 from dualforce_mega.training.phase import apply_phase
+from dualforce_mega.training.step import TorchUpdater, TrainStep, sample_training_flops
 
 log = logging.getLogger("bench_train_step")
 
@@ -44,38 +53,77 @@ FIT_VERIFY_TRIES = 3
 FIT_BACKOFF = 0.9
 
 
+@dataclass(frozen=True)
+class Variant:
+    label: str
+    compile: bool = False
+    checkpointing: bool = False
+    fp8: bool = False
+    fp8_backend: str = "auto"
+    fp8_recipe: str = "current"
+    fp8_all: bool = False
+
+    @classmethod
+    def parse(cls, text: str) -> "Variant":
+        """``eager`` | ``compile``, then ``+ckpt``, ``+fp8``, ``+fp8=<backend>``, ``+rowwise``, ``+fp8all``."""
+        base, *mods = text.split("+")
+        if base not in ("eager", "compile"):
+            raise SystemExit(f"--variants: {text!r} must start with eager or compile")
+        kw: dict = {"compile": base == "compile"}
+        for mod in mods:
+            name, _, value = mod.partition("=")
+            if name == "ckpt":
+                kw["checkpointing"] = True
+            elif name == "fp8":
+                kw["fp8"] = True
+                if value:
+                    if value not in FP8_BACKENDS:
+                        raise SystemExit(f"--variants: {text!r}: fp8 backend {value!r} not in {FP8_BACKENDS}")
+                    kw["fp8_backend"] = value
+            elif name == "rowwise":
+                kw["fp8"], kw["fp8_recipe"] = True, "rowwise"
+            elif name == "fp8all":
+                kw["fp8"], kw["fp8_all"] = True, True
+            else:
+                raise SystemExit(f"--variants: {text!r}: unknown modifier {mod!r}")
+        return cls(label=text, **kw)
+
+
 @dataclass
 class StepRow:
     phase: int
-    precision: str
+    variant: str
     frames: int
     tokens: int                    # video + struct tokens per step
     ms: Optional[float] = None
     tokens_per_s: Optional[float] = None
     peak_gib: Optional[float] = None
     tflops: Optional[float] = None  # achieved model TFLOP/s
-    mfu: Optional[float] = None
-    speedup: Optional[float] = None  # vs the bf16 row of the same phase
+    mfu: Optional[float] = None     # against the measured bf16 matmul peak
+    mfu_sheet: Optional[float] = None  # against the datasheet bf16 peak
+    speedup: Optional[float] = None  # vs the first variant of the same phase
     loss: Optional[float] = None
     note: str = ""
 
 
-def phase_config(args: argparse.Namespace, phase: int, fp8: bool, frames: int, checkpointing: bool,
-                 backend: str = "") -> Config:
-    """The trainer's config for this run, built from the dataclasses (no YAML: only torch needed)."""
+def phase_config(args: argparse.Namespace, phase: int, variant: Variant, frames: int, backend: str = "") -> Config:
+    """The trainer's config for this row, built from the dataclasses (no YAML: only torch needed)."""
     cfg = Config()
     cfg.model = model_preset(args.preset, **({"attn_backend": backend} if backend else {}))
     t = cfg.train
-    t.phase, t.fp8, t.fp8_recipe = phase, fp8, args.fp8_recipe
+    t.phase, t.fp8, t.fp8_backend, t.fp8_recipe = phase, variant.fp8, variant.fp8_backend, variant.fp8_recipe
     t.micro_batch = t.global_batch = args.batch
-    t.activation_checkpointing = checkpointing
+    t.activation_checkpointing = "on" if variant.checkpointing else "off"
+    t.compile = "on" if variant.compile else "off"
     cfg.data.window = cfg.data.synthetic_frames = frames
-    return apply_phase(cfg)  # validates
+    cfg.data.latent_height = cfg.data.latent_width = args.latent
+    validate(cfg)
+    return apply_phase(cfg)
 
 
 def random_batch(cfg: Config, batch: int, frames: int, hw: int, text_tokens: int, device: torch.device
                  ) -> dict:
-    """A batch in the loader's schema (docs/INTERFACES.md) with random contents."""
+    """A batch in the loader's schema (docs/INTERFACES.md) with random contents (host-side ``__index__``)."""
     m = cfg.model
     gen = torch.Generator().manual_seed(frames)
     n = num_video_frames(frames, m.vae_temporal_stride)
@@ -86,74 +134,73 @@ def random_batch(cfg: Config, batch: int, frames: int, hw: int, text_tokens: int
            "flame": torch.randn(batch, n, m.flame_dim, generator=gen)}
     if text_tokens and m.text_dim:
         out["text_emb"] = torch.randn(batch, text_tokens, m.text_dim, generator=gen)
-    return {k: v.to(device) for k, v in out.items()}
+    out = {k: v.to(device) for k, v in out.items()}
+    out["__index__"] = torch.arange(batch)
+    return out
 
 
 class Stepper:
-    """Model + AdamW + objective for one configuration; ``step()`` is one optimizer step."""
+    """Model prepared by ``parallelize`` + fused AdamW + the trainer's ``TrainStep``; ``step()`` is one
+    optimizer step (seeded by the step count, as in the trainer)."""
 
-    def __init__(self, cfg: Config, args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
+    def __init__(self, cfg: Config, device: torch.device, dtype: torch.dtype, text_tokens: int = 0,
+                 fp8_all: bool = False):
         self.cfg = cfg
         torch.manual_seed(cfg.train.seed)
-        self.model = DualForceModel(cfg.model).to(device=device, dtype=dtype).train()
-        self.model.gradient_checkpointing = cfg.train.activation_checkpointing
-        self.fp8: FP8State = apply_fp8(self.model, cfg, device)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.train.lr, betas=cfg.train.betas,
-                                     eps=cfg.train.adam_eps, weight_decay=cfg.train.weight_decay,
-                                     fused=device.type == "cuda")
-        self.objective = DiffusionForcingObjective(cfg)
-        self.return_aux = cfg.train.phase == 4 and cfg.model.struct_tower
+        self.model = DualForceModel(cfg.model)
+        shape = TrainShape(cfg.train.micro_batch, cfg.data.window, (cfg.data.latent_height, cfg.data.latent_width),
+                           text_tokens)
+        self.prepared = parallelize(self.model, cfg, device, dtype, shape=None if fp8_all else shape)
+        self.fp8 = self.prepared.fp8
+        self.model.train()
+        self.opt = build_optimizer(self.model, cfg.train, device)
+        self.train_step = TrainStep(cfg, self.model, TorchUpdater(self.model, self.opt, cfg.train.grad_clip),
+                                    device, dtype, self.fp8)
         self.n_step = 0
-        self.last_loss = float("nan")
 
     def step(self, batch: dict) -> None:
-        b = batch["video_latent"].shape[0]
-        seeds = torch.arange(b) + self.n_step * b
-        inputs, targets = self.objective.prepare(batch, seeds)
-        with fp8_autocast(self.fp8):
-            out = self.model(**inputs, return_aux=self.return_aux)
-        loss, metrics = self.objective.losses(out, targets.to(batch["video_latent"].device))
-        loss.backward()
-        if self.cfg.train.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
+        self.train_step([batch], self.n_step)
         self.n_step += 1
-        self.last_loss = metrics["loss"]
+
+    @property
+    def last_loss(self) -> float:
+        """The last step's loss (reads the device)."""
+        return float(self.train_step.last.metrics["loss"])
 
     def close(self) -> None:
-        del self.model, self.opt
+        del self.model, self.opt, self.train_step, self.prepared
 
 
-def bench_step(args: argparse.Namespace, phase: int, precision: str, device: torch.device,
-               dtype: torch.dtype, peak: float) -> StepRow:
+def bench_step(args: argparse.Namespace, phase: int, variant: Variant, device: torch.device,
+               dtype: torch.dtype, peak: float, sheet: Optional[float]) -> StepRow:
     frames = args.frames
-    cfg = phase_config(args, phase, precision == "fp8", frames, args.checkpointing)
+    cfg = phase_config(args, phase, variant, frames)
     lv = frames * (args.latent // cfg.model.patch_size[1]) * (args.latent // cfg.model.patch_size[2])
     n = num_video_frames(frames, cfg.model.vae_temporal_stride) if cfg.model.struct_tower else 0
-    label = precision if precision == "fp8" else DTYPE_LABEL[dtype]
-    row = StepRow(phase, label, frames, args.batch * (lv + n))
+    row = StepRow(phase, variant.label, frames, args.batch * (lv + n))
     stepper: Optional[Stepper] = None
     try:
-        stepper = Stepper(cfg, args, device, dtype)
-        if precision == "fp8" and not stepper.fp8.enabled:
+        stepper = Stepper(cfg, device, dtype, args.text_tokens, fp8_all=variant.fp8_all)
+        if variant.fp8 and not stepper.fp8.enabled:
             row.note = f"fp8 off: {stepper.fp8.reason}"
             return row
         batch = random_batch(cfg, args.batch, frames, args.latent, args.text_tokens, device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        timing = time_fn(lambda: stepper.step(batch), device, args.warmup, args.iters, args.max_seconds)
+        warmup = args.warmup + (args.compile_warmup if variant.compile else 0)
+        timing = time_fn(lambda: stepper.step(batch), device, warmup, args.iters, args.max_seconds)
         row.ms = timing.median_ms
         row.tokens_per_s = row.tokens / (row.ms * 1e-3)
         if device.type == "cuda":
             row.peak_gib = torch.cuda.max_memory_allocated(device) / 2**30
-        flops = forward_flops(cfg.model, args.batch, frames, (args.latent, args.latent),
-                              text_len=args.text_tokens, with_struct=cfg.model.struct_tower,
-                              with_audio=cfg.model.audio, return_aux=stepper.return_aux).training
+        # the trainer's accounting (training.step.sample_training_flops), per sample of this batch
+        flops = args.batch * sample_training_flops(cfg, stepper.train_step.last.inputs)
         row.tflops = flops / (row.ms * 1e-3) / 1e12
         row.mfu = row.tflops / peak
+        row.mfu_sheet = row.tflops / sheet if sheet else None
         row.loss = stepper.last_loss
-        row.note = stepper.fp8.reason if precision == "fp8" else ""
+        if stepper.fp8.enabled:
+            row.note = f"{stepper.fp8.backend}: {len(stepper.fp8.converted)} FP8 linears"
     except RuntimeError as err:
         if not is_oom(err):
             raise
@@ -236,8 +283,9 @@ def _fit(stepper: Stepper, args: argparse.Namespace, device: torch.device) -> Op
 
 def max_frames(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> tuple[int, Optional[int], str]:
     """(largest frames that fit, smallest known not to or None, how it was found), Phase ``--search-phase``."""
-    cfg = phase_config(args, args.search_phase, False, args.frames, True, args.search_backend)
-    stepper = Stepper(cfg, args, device, dtype)
+    cfg = phase_config(args, args.search_phase, Variant("eager+ckpt", checkpointing=True), args.frames,
+                       args.search_backend)
+    stepper = Stepper(cfg, device, dtype, args.text_tokens)
     try:
         if args.search_method == "fit" and device.type == "cuda":
             found = _fit(stepper, args, device)
@@ -258,10 +306,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--text-tokens", type=int, default=0, help="text embedding tokens (0 = no text input)")
     p.add_argument("--phases", default="2,4")
-    p.add_argument("--precisions", default="bf16,fp8")
-    p.add_argument("--fp8-recipe", default="delayed", choices=("delayed", "current"))
-    p.add_argument("--checkpointing", action="store_true", help="activation checkpointing in the timed steps")
+    p.add_argument("--variants", default="eager,compile,compile+fp8",
+                   help="comma-separated; the first of each phase is the speedup reference (see the docstring)")
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--compile-warmup", type=int, default=2, help="extra warm-up steps of compiled variants")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--max-seconds", type=float, default=60.0, help="measuring time cap per row")
     p.add_argument("--peak-n", type=int, default=8192, help="matmul size for the measured bf16 peak")
@@ -280,13 +328,28 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.cpu_smoke:
         args.preset, args.frames, args.latent = "tiny", 3, 8
-        args.warmup, args.iters, args.max_seconds, args.peak_n = 0, 1, 0.0, 256
+        args.warmup, args.compile_warmup, args.iters, args.max_seconds, args.peak_n = 0, 1, 1, 0.0, 256
         args.search_max_frames, args.search_tolerance = 6, 1
-    args.phases, args.precisions = csv_list(args.phases, int), csv_list(args.precisions)
-    for prec in args.precisions:
-        if prec not in ("bf16", "fp8"):
-            raise SystemExit(f"--precisions: {prec!r} is not bf16 or fp8")
+    args.phases = csv_list(args.phases, int)
+    args.variants = [Variant.parse(v) for v in csv_list(args.variants)]
     return args
+
+
+def speedups(rows: list[StepRow]) -> None:
+    """Each row's speed relative to the first measured row of its phase (the reference variant)."""
+    for row in rows:
+        base = next((r for r in rows if r.phase == row.phase and r.ms), None)
+        if row.ms and base is not None:
+            row.speedup = base.ms / row.ms
+
+
+def table(rows: list[StepRow]) -> str:
+    headers = ["phase", "variant", "frames", "tokens", "step ms", "tokens/s", "peak GiB", "TFLOP/s", "MFU",
+               "MFU sheet", "speedup", "loss", "note"]
+    pct = lambda x: "-" if x is None else f"{100 * x:.1f}%"  # noqa: E731
+    return markdown_table(headers, [[str(r.phase), r.variant, str(r.frames), str(r.tokens), fmt(r.ms),
+                                     fmt(r.tokens_per_s), fmt(r.peak_gib), fmt(r.tflops), pct(r.mfu), pct(r.mfu_sheet),
+                                     fmt(r.speedup), fmt(r.loss, 4), r.note] for r in rows])
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -294,26 +357,23 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = parse_args(argv)
     device, dtype = bench_device(args.cpu_smoke)
     if device.type == "cuda":
-        allow_recompiles(8)
+        allow_recompiles(8)   # eager rows compile flex attention once per attention shape
     peak = measure_peak_flops(device, dtype, size=args.peak_n, iters=args.iters, warmup=args.warmup) / 1e12
+    sheet_flops = datasheet_peak_flops(device, dtype)
+    sheet = sheet_flops / 1e12 if sheet_flops else None
     dt = DTYPE_LABEL[dtype]
     print(f"# training step — {device_name(device)}; preset {args.preset}, batch {args.batch}, "
-          f"{args.frames} latent frames {args.latent}x{args.latent}, params {dt}, "
-          f"checkpointing {'on' if args.checkpointing else 'off'}; measured {dt} matmul peak "
-          f"{fmt(peak)} TFLOP/s (n={args.peak_n})")
+          f"{args.frames} latent frames {args.latent}x{args.latent}, params {dt}; measured {dt} matmul peak "
+          f"{fmt(peak)} TFLOP/s (n={args.peak_n}), datasheet {fmt(sheet)}", flush=True)
     rows: list[StepRow] = []
     for phase in args.phases:
-        for prec in args.precisions:
-            rows.append(bench_step(args, phase, prec, device, dtype, peak))
-            base = next((r for r in rows if r.phase == phase and r.precision != "fp8" and r.ms), None)
-            if rows[-1].ms and base is not None:
-                rows[-1].speedup = base.ms / rows[-1].ms
-    headers = ["phase", "precision", "frames", "tokens", "step ms", "tokens/s", "peak GiB", "TFLOP/s", "MFU",
-               "speedup", "loss", "note"]
-    print(markdown_table(headers, [[str(r.phase), r.precision, str(r.frames), str(r.tokens), fmt(r.ms),
-                                    fmt(r.tokens_per_s), fmt(r.peak_gib), fmt(r.tflops),
-                                    "-" if r.mfu is None else f"{100 * r.mfu:.1f}%", fmt(r.speedup),
-                                    fmt(r.loss, 4), r.note] for r in rows]))
+        for variant in args.variants:
+            rows.append(bench_step(args, phase, variant, device, dtype, peak, sheet))
+            speedups(rows)
+            r = rows[-1]   # one line per row as it finishes: a part cut off by a timeout keeps its rows
+            print(f"row phase {r.phase} {r.variant}: {fmt(r.ms)} ms, MFU {fmt(None if r.mfu is None else 100 * r.mfu)}%"
+                  f", speedup {fmt(r.speedup)} {r.note}", flush=True)
+    print(table(rows), flush=True)
     search = None
     if not args.no_search:
         lo, hi, note = max_frames(args, device, dtype)
@@ -322,8 +382,9 @@ def main(argv: Optional[list[str]] = None) -> None:
               f"{args.search_backend} attention, batch {args.batch}")
         print(markdown_table(["phase", "max frames that fit", "first OOM", "note"],
                              [[str(args.search_phase), str(lo), "-" if hi is None else str(hi), note]]))
-    dump_json(args.json, {"device": device_name(device), "peak_tflops": peak, "rows": rows,
-                          "search": search, "args": {k: v for k, v in vars(args).items()}})
+    dump_json(args.json, {"device": device_name(device), "peak_tflops": peak, "datasheet_tflops": sheet,
+                          "rows": rows, "search": search,
+                          "args": {k: (v if k != "variants" else [x.label for x in v]) for k, v in vars(args).items()}})
 
 
 if __name__ == "__main__":

@@ -215,7 +215,9 @@ def fp8_linear_check(setup: Setup, backend: str, dim: int, hidden: int, tokens: 
 def synthetic_batch(cfg, batch: int, frames: int, hw: int, step: int, device: torch.device) -> dict:
     clips = [make_synthetic_clip(step * batch + i, frames, (hw, hw), cfg.model, seed=cfg.data.seed)[0]
              for i in range(batch)]
-    return {k: torch.stack([c[k] for c in clips]).to(device) for k in clips[0] if k != "text_emb"}
+    out = {k: torch.stack([c[k] for c in clips]).to(device) for k in clips[0] if k != "text_emb"}
+    out["__index__"] = torch.arange(step * batch, (step + 1) * batch)   # host side, as the loader delivers it
+    return out
 
 
 def fp8_loss_check(setup: Setup, args: argparse.Namespace, backend: str, steps: int = LOSS_STEPS) -> Check:
@@ -225,20 +227,14 @@ def fp8_loss_check(setup: Setup, args: argparse.Namespace, backend: str, steps: 
     losses: dict[str, list[float]] = {}
     dtype = torch.bfloat16 if setup.device.type == "cuda" else torch.float32
     for label in ("bf16", "fp8"):
-        cfg = bts.phase_config(args, 4, False, args.train_frames, False)
-        stepper = bts.Stepper(cfg, args, setup.device, dtype)   # same seed -> same init
-        if label == "fp8":
-            names, _ = fp8_targets(stepper.model)
-            convert_linears(stepper.model, backend, names)
-            if backend == "te":
-                from dualforce_mega.models.fp8 import FP8State, _te_recipe
-
-                stepper.fp8 = FP8State(backend="te", te_recipe=_te_recipe(args.fp8_recipe))
-            stepper.opt = torch.optim.AdamW(stepper.model.parameters(), lr=cfg.train.lr,
-                                            fused=setup.device.type == "cuda")
+        variant = bts.Variant.parse("eager" if label == "bf16" else f"eager+fp8={backend}+fp8all")
+        cfg = bts.phase_config(args, 4, variant, args.train_frames)
+        cfg.train.fp8_recipe = args.fp8_recipe
+        stepper = bts.Stepper(cfg, setup.device, dtype, fp8_all=True)   # same seed -> same init
         run = []
         for step in range(steps):
-            stepper.step(synthetic_batch(cfg, args.batch, args.train_frames, args.latent, step, setup.device))
+            batch = synthetic_batch(cfg, args.batch, args.train_frames, args.latent, step, setup.device)
+            stepper.step(batch)
             run.append(stepper.last_loss)
         losses[label] = run
         stepper.close()

@@ -116,13 +116,16 @@ class TrainConfig:
     adam_eps: float = 1e-8
     grad_clip: float = 1.0                # set explicitly: DeepSpeed's own default is 1.0 too
     seed: int = 0
-    save_every: int = 50
+    save_every: int = 50                  # 0 = no checkpoints at all (benchmark runs)
     keep_last: int = 2
     log_every: int = 1
     precision: str = "auto"               # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
-    activation_checkpointing: bool = False
+    # per-block activation checkpointing: on | off | auto (the planner turns it on, for as few layers as
+    # needed, only when the step would not fit the device's memory; off on CPU). YAML true/false work too.
+    activation_checkpointing: str = "auto"
+    compile: str = "auto"                 # regional torch.compile of the transformer blocks: on | off | auto (= on CUDA)
     fp8: bool = False
-    fp8_recipe: str = "delayed"           # delayed | current
+    fp8_recipe: str = "delayed"           # delayed (TE) | current (tensor-wise dynamic) | rowwise (torchao)
     fp8_backend: str = "auto"             # auto (TE, else torchao, else torch._scaled_mm) | te | torchao | torch
     ema_decay: float = 0.0                # 0 = no EMA
 
@@ -432,6 +435,19 @@ def validate_model(m: ModelConfig) -> None:
     _require(m.freq_dim % 2 == 0, "model.freq_dim", "must be even")
 
 
+SWITCH_VALUES = ("on", "off", "auto")
+_SWITCH_ALIASES = {"true": "on", "yes": "on", "1": "on", "false": "off", "no": "off", "0": "off"}
+
+
+def switch_value(key: str, value: object) -> str:
+    """An on | off | auto setting, also written as a YAML / command-line boolean -> canonical form."""
+    text = str(value).strip().lower()
+    text = _SWITCH_ALIASES.get(text, text)
+    if text not in SWITCH_VALUES:
+        raise ConfigError(f"{key}: {value!r} is not one of on, off, auto (or true / false)")
+    return text
+
+
 def validate(cfg: Config) -> None:
     validate_model(cfg.model)
     d, t, p, data = cfg.diffusion, cfg.train, cfg.parallel, cfg.data
@@ -466,7 +482,9 @@ def validate_run(r: RunConfig) -> None:
 
 
 def validate_train(t: TrainConfig) -> None:
-    """The ``train`` keys every task's trainer reads."""
+    """The ``train`` keys every task's trainer reads (on | off | auto switches are put in canonical form)."""
+    t.activation_checkpointing = switch_value("train.activation_checkpointing", t.activation_checkpointing)
+    t.compile = switch_value("train.compile", t.compile)
     _require(t.steps >= 0, "train.steps", "must be >= 0")
     _require(t.micro_batch >= 1, "train.micro_batch", "must be >= 1")
     _require(t.global_batch >= t.micro_batch and t.global_batch % t.micro_batch == 0,
@@ -474,10 +492,10 @@ def validate_train(t: TrainConfig) -> None:
              f"global_batch={t.global_batch} must be a multiple of train.micro_batch={t.micro_batch}")
     _require(t.lr > 0, "train.lr", "must be positive")
     _require(t.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
-    _require(t.save_every >= 1, "train.save_every", "must be >= 1")
+    _require(t.save_every >= 0, "train.save_every", "must be >= 0 (0 = never save: benchmarks)")
     _require(t.keep_last >= 1, "train.keep_last", "must be >= 1")
 
     _require(t.precision in ("auto", "fp32", "bf16"), "train.precision",
              f"{t.precision!r} is not one of auto, fp32, bf16")
-    _require(t.fp8_recipe in ("delayed", "current"), "train.fp8_recipe",
-             f"{t.fp8_recipe!r} is not one of delayed, current")
+    _require(t.fp8_recipe in ("delayed", "current", "rowwise"), "train.fp8_recipe",
+             f"{t.fp8_recipe!r} is not one of delayed, current, rowwise")

@@ -31,12 +31,13 @@ from typing import Optional
 
 from .config import MODEL_PRESETS, ConfigError, ModelConfig, build_config
 from .flops import BACKWARD_OVER_FORWARD, forward_flops
+from .hardware import H100
 from .plan_activations import activation_report
 from .summary import build_meta_model, count_parameters
 
 GIB = 1024 ** 3
-H100_BF16_PEAK_TFLOPS = 989.0      # H100 SXM dense bf16 tensor-core peak (NVIDIA datasheet, no sparsity)
-H100_FP8_PEAK_TFLOPS = 1979.0      # H100 SXM dense FP8 peak
+H100_BF16_PEAK_TFLOPS = H100.bf16_tflops    # H100 SXM dense bf16 tensor-core peak (NVIDIA datasheet, no sparsity)
+H100_FP8_PEAK_TFLOPS = H100.fp8_tflops      # H100 SXM dense FP8 peak
 DEFAULT_MFU = 0.4                  # sustained fraction of peak a well-tuned DiT step reaches (assumption)
 DEFAULT_GPU_MEM_GIB = 80.0         # H100 80GB
 BF16, FP32 = 2, 4
@@ -116,6 +117,25 @@ def sp_comm_bytes(m: ModelConfig, inp: PlanInput, shard_tokens: int) -> float:
     return passes * per_forward * (inp.sp - 1) / inp.sp
 
 
+def static_memory(params: int, gathered: int, zero_stage: int, world: int, offload_optimizer: bool = False
+                  ) -> dict[str, float]:
+    """Bytes per GPU of everything but activations: bf16 parameters and gradients, fp32 master weights
+    and Adam moments (partitioned as far as the ZeRO stage does: 1 optimizer states, 2 + gradients,
+    3 + parameters), and DeepSpeed's buffers (stage 3: one layer gathered and one prefetched plus the
+    reduce and prefetch buckets; stages 1-2: the reduce bucket)."""
+    opt_shard = world if zero_stage >= 1 else 1
+    grad_shard = world if zero_stage >= 2 else 1
+    param_shard = world if zero_stage >= 3 else 1
+    if zero_stage == 3:
+        buffers = BF16 * (2 * gathered + min(DS_REDUCE_BUCKET, params) + min(DS_PREFETCH_BUCKET, params))
+    else:
+        buffers = BF16 * min(DS_REDUCE_BUCKET, params) if zero_stage >= 1 else 0
+    return {"params": BF16 * params / param_shard,
+            "grads": BF16 * params / grad_shard,
+            "optimizer": 0.0 if offload_optimizer else (FP32 + ADAM_STATES * FP32) * params / opt_shard,
+            "zero_buffers": float(buffers)}
+
+
 def layer_params(model) -> int:
     """Largest parameter count gathered at once by one checkpointed layer (video + struct block + bridge)."""
     sizes = []
@@ -149,14 +169,9 @@ def plan(inp: PlanInput, propose: bool = True) -> dict:
     video_tokens = f * grid[0] * grid[1]
 
     acts = activation_report(m, inp.micro_batch, f, grid, inp.sp, inp.act_bytes, inp.dense_mask, inp.text_len)
-    mem = {
-        "params": BF16 * params / world,
-        "grads": BF16 * params / world,
-        "optimizer": (FP32 + ADAM_STATES * FP32) * params / world,
-        # one layer gathered for compute and one prefetched, gradient reduce bucket, prefetch bucket
-        "zero3_buffers": BF16 * (2 * gathered + min(DS_REDUCE_BUCKET, params) + min(DS_PREFETCH_BUCKET, params)),
-        "activations": acts.total(inp.checkpointing),
-    }
+    static = static_memory(params, gathered, 3, world)
+    mem = {"params": static["params"], "grads": static["grads"], "optimizer": static["optimizer"],
+           "zero3_buffers": static["zero_buffers"], "activations": acts.total(inp.checkpointing)}
     mem_gib = {k: v / GIB for k, v in mem.items()}
     mem_gib["total"] = sum(mem_gib.values())
 

@@ -11,8 +11,11 @@ Sequence parallelism: video tokens per rank are the padded shard; a video self-a
 full sequence for H/P heads after the all-to-all (the same bytes as the shard for all heads);
 the struct->video bridge gathers every video key and value (full length on every rank).
 
-With activation checkpointing each layer keeps only its inputs; the backward recomputes one layer
-at a time, so the peak is all layer inputs plus one layer's saved tensors.
+With activation checkpointing each checkpointed block (video block, struct block, bridge layer) keeps
+only its inputs; the backward recomputes one layer at a time, so the peak is the inputs of the
+checkpointed blocks, the saved tensors of the layers that are not checkpointed, and one checkpointed
+layer's saved tensors. ``total_with`` prices any subset of checkpointed layers (the planner's
+``auto`` choice, parallel/parallelize.py).
 
 Not included: short-lived buffers (backward temporaries -- ~1% of the total in the CPU measurement --
 and, under SP, the send/receive copies of one layer's q/k/v around an all-to-all).
@@ -38,14 +41,29 @@ class StreamShape:
 
 @dataclass
 class ActivationReport:
-    per_layer: list[int] = field(default_factory=list)   # bytes saved inside each transformer layer
-    layer_inputs: int = 0                                # bytes of each checkpointed layer's inputs (all layers)
+    blocks: list[list[int]] = field(default_factory=list)  # bytes saved inside each block of each layer
+    inputs: list[int] = field(default_factory=list)      # bytes of each layer's block inputs (kept when checkpointed)
     outside: int = 0                                     # embeddings, projectors, heads (outside the layers)
 
+    @property
+    def per_layer(self) -> list[int]:
+        """Bytes saved inside each transformer layer (its blocks together)."""
+        return [sum(b) for b in self.blocks]
+
+    @property
+    def layer_inputs(self) -> int:
+        """Bytes of every layer's block inputs (all layers checkpointed)."""
+        return sum(self.inputs)
+
     def total(self, checkpointing: bool) -> int:
-        if checkpointing:
-            return self.layer_inputs + self.outside + max(self.per_layer, default=0)
-        return sum(self.per_layer) + self.outside
+        return self.total_with(range(len(self.per_layer)) if checkpointing else ())
+
+    def total_with(self, checkpointed) -> int:
+        """Peak with the layers ``checkpointed`` (indices) recomputed in the backward."""
+        ck = set(checkpointed)
+        kept = sum(b for i, b in enumerate(self.per_layer) if i not in ck)
+        recompute = max((b for i in ck for b in self.blocks[i]), default=0)   # one block at a time
+        return kept + sum(self.inputs[i] for i in ck) + recompute + self.outside
 
 
 def _norm(d: int) -> int:
@@ -143,19 +161,23 @@ def activation_report(m: ModelConfig, batch: int, latent_frames: int, grid_hw: t
 
     rep = ActivationReport()
     for i in range(m.layers):
-        layer = self_attention_sublayer(m, a, video, dense_mask) + ffn_sublayer(m, a, video)
+        video_block = self_attention_sublayer(m, a, video, dense_mask) + ffn_sublayer(m, a, video)
         if text:
-            layer += text_sublayer(m, a, video, text)
+            video_block += text_sublayer(m, a, video, text)
         if audio_len and i < m.audio_layers:
-            layer += audio_sublayer(m, a, video, audio_len, video_window, grid_hw[0] * grid_hw[1])
+            video_block += audio_sublayer(m, a, video, audio_len, video_window, grid_hw[0] * grid_hw[1])
+        blocks = [video_block]
         if struct is not None:
-            layer += self_attention_sublayer(m, a, struct, dense_mask) + ffn_sublayer(m, a, struct)
+            struct_block = self_attention_sublayer(m, a, struct, dense_mask) + ffn_sublayer(m, a, struct)
             if audio_len and i < m.audio_layers:
-                layer += audio_sublayer(m, a, struct, audio_len, struct_window, 1)
+                struct_block += audio_sublayer(m, a, struct, audio_len, struct_window, 1)
+            blocks.append(struct_block)
             if i < m.fusion_depth:
-                layer += bridge_layer(m, a, video, struct, dense_mask)
-        rep.per_layer.append(batch * layer)
-    rep.layer_inputs = batch * m.layers * a * d * (shard + (n if struct is not None else 0))
+                blocks.append(bridge_layer(m, a, video, struct, dense_mask))
+        rep.blocks.append([batch * b for b in blocks])
+        # each block keeps its input: video and struct block, and the bridge's two inputs
+        tokens = shard + (n if struct is not None else 0)
+        rep.inputs.append(batch * a * d * tokens * (2 if struct is not None and i < m.fusion_depth else 1))
 
     patch = m.in_channels * math.prod(m.patch_size)
     outside = shard * (patch * a + _norm(d) + FP32 * d + a * d)          # patch conv input; head norm/mod/linear

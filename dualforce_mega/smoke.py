@@ -20,16 +20,18 @@ from typing import Optional
 import torch
 
 from .config import Config, ConfigError, add_config_arguments, config_from_args
-from .diffusion.noise import sample_seeds
-from .diffusion.objective import DiffusionForcingObjective
+from .diffusion.objective import metrics_to_floats
+from .parallel.deepspeed_config import build_optimizer
 from .summary import count_parameters
+from .training.step import TorchUpdater, TrainStep
 
 log = logging.getLogger("dualforce_mega.smoke")
 
 
 def random_batch(cfg: Config, batch: int, frames: int, height: int, width: int, text_tokens: int,
                  generator: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
-    """Clean data in the batch layout of docs/INTERFACES.md (``frames`` latent frames)."""
+    """Clean data in the batch layout of docs/INTERFACES.md (``frames`` latent frames; ``__index__``
+    0..batch-1 on the host)."""
     m = cfg.model
     n = 1 + m.vae_temporal_stride * (frames - 1)          # video frames covered by the latent frames
     per_video_frame = m.audio_rate // m.fps
@@ -42,57 +44,48 @@ def random_batch(cfg: Config, batch: int, frames: int, height: int, width: int, 
            "flame": rnd(batch, n, m.flame_dim)}
     if m.text_dim > 0:
         out["text_emb"] = rnd(batch, text_tokens, m.text_dim)
+    out["__index__"] = torch.arange(batch)
     return out
 
 
-def smoke_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, objective: DiffusionForcingObjective,
-               data: dict[str, torch.Tensor], seeds: torch.Tensor) -> dict[str, float]:
-    """One training step with the real objective (per-block sigma, frame 0 clean, every weighted loss),
-    then checks that every trainable parameter got a finite gradient."""
-    inputs, targets = objective.prepare(data, seeds)
-    out = model(**inputs, return_aux=True)
-    loss, metrics = objective.losses(out, targets.to(data["video_latent"].device))
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    grad_sq = 0.0
-    missing = []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if p.grad is None:
-            missing.append(name)
-            continue
-        grad_sq += p.grad.float().pow(2).sum().item()
+def smoke_step(train_step: TrainStep, data: dict[str, torch.Tensor], step: int) -> dict[str, float]:
+    """One step of the trainer's training step (real objective: per-block sigma, frame 0 clean, every
+    weighted loss) that also checks, before the update, that every trainable parameter got a gradient
+    and that the losses and the gradient norm are finite."""
+    res = train_step.micro(data, step)
+    missing = [name for name, p in train_step.model.named_parameters() if p.requires_grad and p.grad is None]
     if missing:
         raise RuntimeError(f"{len(missing)} trainable parameters got no gradient, e.g. {missing[:5]}")
-    metrics["grad_norm"] = math.sqrt(grad_sq)
+    grad_norm = train_step.updater.update()
+    metrics = metrics_to_floats({**res.metrics, "grad_norm": grad_norm})
     if not all(math.isfinite(v) for v in metrics.values()):
         raise RuntimeError(f"non-finite loss or gradient: {metrics}")
-    optimizer.step()
     return metrics
 
 
 def run(cfg: Config, steps: int, batch: int, frames: int, height: int, width: int, text_tokens: int,
         device: torch.device) -> list[dict[str, float]]:
     from .models import DualForceModel
+    from .parallel.parallelize import TrainShape, parallelize
 
     torch.manual_seed(cfg.train.seed)
-    model = DualForceModel(cfg.model).to(device)
-    model.train()
+    model = DualForceModel(cfg.model)
     counts = count_parameters(model.named_parameters())
     log.info("model preset=%s on %s: %s trainable parameters (%s)", cfg.model.preset, device,
              f"{counts['total_trainable']:,}", ", ".join(f"{k}={v:,}" for k, v in counts.items()
                                                         if k != "total_trainable"))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.betas),
-                                  eps=cfg.train.adam_eps, weight_decay=cfg.train.weight_decay)
+    dtype = torch.float32
+    prepared = parallelize(model, cfg, device, dtype, shape=TrainShape(batch, frames, (height, width), text_tokens))
+    model.train()
+    optimizer = build_optimizer(model, cfg.train, device)
+    train_step = TrainStep(cfg, model, TorchUpdater(model, optimizer, cfg.train.grad_clip), device, dtype,
+                           prepared.fp8)
     gen = torch.Generator().manual_seed(cfg.train.seed)
     data = random_batch(cfg, batch, frames, height, width, text_tokens, gen, device)
-    objective = DiffusionForcingObjective(cfg)
     history = []
     for step in range(steps):
         t0 = time.perf_counter()
-        seeds = sample_seeds(cfg.train.seed, step, torch.arange(batch))
-        metrics = smoke_step(model, optimizer, objective, data, seeds)
+        metrics = smoke_step(train_step, data, step)
         metrics["step_s"] = time.perf_counter() - t0
         history.append(metrics)
         log.info("step %d/%d: %s", step + 1, steps, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))

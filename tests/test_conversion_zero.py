@@ -71,7 +71,7 @@ def _engine_job(run_dir: Path) -> None:
     import torch.distributed as dist
 
     from dualforce_mega.config import load_config
-    from dualforce_mega.parallel.deepspeed_config import build_deepspeed_config, optimizer_param_groups
+    from dualforce_mega.parallel.deepspeed_config import build_deepspeed_config, build_optimizer
     from dualforce_mega.parallel.groups import init_groups
     from dualforce_mega.summary import count_parameters
     from dualforce_mega.training.trainer import Trainer, build_model
@@ -96,7 +96,7 @@ def _engine_job(run_dir: Path) -> None:
         if stage == 3:   # partition even the tiny model's small parameters (kept whole below 1e5 elements)
             ds_config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
         engine, *_ = deepspeed.initialize(model=model, config=ds_config,
-                                          model_parameters=optimizer_param_groups(model, c.train.weight_decay),
+                                          optimizer=build_optimizer(model, c.train, torch.device("cpu")),
                                           dist_init_required=False)
         if stage == 3:   # what count_parameters sees of a partitioned model: empty placeholders + ds_numel
             counts = {"placeholders": sum(p.numel() == 0 for p in engine.module.parameters()),

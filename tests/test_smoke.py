@@ -9,10 +9,9 @@ import torch
 
 from dualforce_mega.config import load_config
 from dualforce_mega.models import DualForceModel
-from dualforce_mega.diffusion.noise import sample_seeds
-from dualforce_mega.diffusion.objective import DiffusionForcingObjective
 from dualforce_mega.smoke import main, random_batch, run, smoke_step
 from dualforce_mega.summary import count_parameters
+from dualforce_mega.training.step import TorchUpdater, TrainStep
 
 SHAPE = dict(batch=2, frames=2, height=4, width=4, text_tokens=3)
 
@@ -28,9 +27,8 @@ def test_smoke_steps_update_every_parameter() -> None:
     n = 1 + cfg.model.vae_temporal_stride * (SHAPE["frames"] - 1)
     assert data["struct"].shape == (2, n, cfg.model.motion_dim)
     assert data["audio"].shape[1] == n * cfg.model.audio_rate // cfg.model.fps
-    objective = DiffusionForcingObjective(cfg)
-    seeds = [sample_seeds(cfg.train.seed, step, torch.arange(SHAPE["batch"])) for step in range(3)]
-    metrics = smoke_step(model, opt, objective, data, seeds[0])
+    step = TrainStep(cfg, model, TorchUpdater(model, opt, grad_clip=0.0), torch.device("cpu"), torch.float32)
+    metrics = smoke_step(step, data, 0)
     assert {"loss", "loss_video", "loss_struct", "loss_flame", "loss_lipsync", "grad_norm"} <= set(metrics)
     assert all(math.isfinite(v) for v in metrics.values())
     d = cfg.diffusion
@@ -39,8 +37,8 @@ def test_smoke_steps_update_every_parameter() -> None:
     assert metrics["loss"] == pytest.approx(weighted, rel=1e-5)
     # zero-initialised output heads, then tanh gates, each block all gradient upstream of them for one
     # step (head -> gate -> audio attention / projector): by the third step every parameter has moved
-    for s in seeds[1:]:
-        smoke_step(model, opt, objective, data, s)
+    for i in (1, 2):
+        smoke_step(step, data, i)
     unchanged = [n for n, p in model.named_parameters() if torch.equal(p.detach(), before[n])]
     assert not unchanged
 
@@ -52,8 +50,9 @@ def test_smoke_fails_on_a_parameter_without_gradient() -> None:
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     gen = torch.Generator().manual_seed(0)
     data = random_batch(cfg, device=torch.device("cpu"), generator=gen, **SHAPE)
+    step = TrainStep(cfg, model, TorchUpdater(model, opt, grad_clip=0.0), torch.device("cpu"), torch.float32)
     with pytest.raises(RuntimeError, match="video.unused"):
-        smoke_step(model, opt, DiffusionForcingObjective(cfg), data, sample_seeds(0, 0, torch.arange(SHAPE["batch"])))
+        smoke_step(step, data, 0)
 
 
 def test_smoke_cli_logs_loss_and_parameter_count(caplog: pytest.LogCaptureFixture) -> None:

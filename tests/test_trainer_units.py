@@ -13,7 +13,7 @@ import torch
 from dualforce_mega.data.synthetic_shards import write_synthetic_shards
 from dualforce_mega.config import ConfigError, build_config
 from dualforce_mega.flops import forward_flops
-from dualforce_mega.parallel.deepspeed_config import build_deepspeed_config, grad_accum_steps
+from dualforce_mega.parallel.deepspeed_config import build_deepspeed_config, build_optimizer, grad_accum_steps
 from dualforce_mega.training.checkpoint import CheckpointManager, TMP_PREFIX, tag_for
 from dualforce_mega.training.exit_codes import CheckpointWriteError
 from dualforce_mega.training.data_feed import GlobalBatchFeed
@@ -84,12 +84,31 @@ def test_deepspeed_config_from_config() -> None:
     assert ds["gradient_accumulation_steps"] == 2 and ds["train_micro_batch_size_per_gpu"] == 2
     assert ds["zero_optimization"]["stage"] == 2
     assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
-    assert ds["optimizer"] == {"type": "AdamW", "params": {"lr": 2e-4, "betas": [0.8, 0.95], "eps": 1e-7,
-                                                          "weight_decay": 0.05}}
     assert ds["bf16"] == {"enabled": True}                     # precision auto on GPU
     cpu = build_deepspeed_config(build_config({}), 2, "cpu")
-    assert "bf16" not in cpu and cpu["optimizer"]["params"]["torch_adam"] is True
+    assert "bf16" not in cpu
     assert cpu["zero_optimization"]["stage"] == 3
+    # the optimizer is torch's AdamW passed as a client optimizer, with the config's hyper-parameters
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    opt = build_optimizer(model, cfg.train, torch.device("cpu"))
+    assert isinstance(opt, torch.optim.AdamW)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]    # matrices decay, vectors do not
+    assert opt.defaults["lr"] == 2e-4 and opt.defaults["betas"] == (0.8, 0.95) and opt.defaults["eps"] == 1e-7
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+@pytest.mark.parametrize("offload", [False, True])
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_deepspeed_config_never_requests_a_jit_op(stage: int, offload: bool, device: str) -> None:
+    """No "optimizer" section (DeepSpeed would build FusedAdam / CPUAdam, JIT-compiled C++/CUDA ops) and,
+    with the optimizer offloaded, DeepSpeed may keep the client's torch AdamW instead of its CPUAdam."""
+    if offload and stage == 0:
+        pytest.skip("offload needs ZeRO >= 1")
+    cfg = build_config({"parallel": {"zero_stage": stage, "offload_optimizer": offload}})
+    ds = build_deepspeed_config(cfg, 1, device)
+    assert "optimizer" not in ds
+    assert ds["zero_force_ds_cpu_optimizer"] is False
+    assert not any(k in ds for k in ("fp16", "sparse_attention", "compression_training", "activation_checkpointing"))
 
 
 def test_batch_split_errors_name_the_key() -> None:

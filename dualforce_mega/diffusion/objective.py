@@ -4,7 +4,8 @@
 obj = DiffusionForcingObjective(cfg)
 inputs, targets = obj.prepare(batch, seeds)     # seeds: LongTensor [B], one per sample
 out = model(**inputs, return_aux=True)
-loss, metrics = obj.losses(out, targets)
+loss, metrics = obj.losses(out, targets)        # metrics as floats (reads the device)
+loss, metrics = obj.loss_terms(out, targets)    # metrics as 0-dim device tensors (no host sync)
 ```
 Which streams take part follows the config: the video stream always; struct (+ kp_canonical, FLAME)
 when ``train.phase == 4`` and ``model.struct_tower``; audio when ``train.phase == 4`` and
@@ -20,8 +21,8 @@ import torch
 from ..config import Config, ConfigError
 from ..models.layout import latent_frame_spans
 from .flow import add_noise, velocity_target
-from .losses import (info_nce, masked_mse_sum_count, mean_from_sum_count, per_frame_mse,
-                     sigma_bucket_stats)
+from .losses import (bucket_metric_name, info_nce, masked_mse_sum_count, mean_from_sum_count, per_frame_mse,
+                     sigma_bucket_edges, sigma_bucket_index)
 from .noise import draw_batch_noise
 
 LOSS_KEYS = ("video", "struct", "flame", "lipsync")
@@ -29,7 +30,8 @@ LOSS_KEYS = ("video", "struct", "flame", "lipsync")
 
 @dataclass
 class Targets:
-    """What ``losses`` needs besides the model output. ``.to(device)`` moves every tensor."""
+    """What ``losses`` needs besides the model output. ``.to(device)`` moves every tensor except the
+    ``*_host`` copies, which stay on the host so that masks and bucket counts need no device read."""
     video: torch.Tensor                          # [B, C, F, H, W] velocity target
     sigma_video: torch.Tensor                    # [B, F]
     frame_valid: torch.Tensor                    # [F] bool: latent frames in the loss (not the reference)
@@ -37,10 +39,13 @@ class Targets:
     struct_valid: Optional[torch.Tensor] = None  # [N] bool: video frames in the loss
     flame: Optional[torch.Tensor] = None         # [B, N, flame_dim] ground truth
     flame_valid: Optional[torch.Tensor] = None   # [B] 1 where the clip has FLAME, 0 where it has none
+    sigma_video_host: Optional[torch.Tensor] = None  # [B, F] on the host (sigma buckets)
+    frame_valid_host: Optional[torch.Tensor] = None  # [F] bool on the host (lip-sync frame selection)
 
     def to(self, device: Any) -> "Targets":
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
-        return Targets(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in moved.items()})
+        return Targets(**{k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor)
+                          and not k.endswith("_host") else v for k, v in moved.items()})
 
 
 def struct_frame_of_token(num_latent: int, stride: int) -> torch.Tensor:
@@ -102,8 +107,10 @@ class DiffusionForcingObjective:
             "video_latent": add_noise(x0, eps_v, sigma_v[:, None, :, None, None].to(x0.dtype)),
             "sigma_video": sigma_v,
         }
-        frame_valid = torch.arange(f, device=device) > 0
-        targets = Targets(video=velocity_target(x0, eps_v), sigma_video=sigma_v, frame_valid=frame_valid)
+        frame_valid_host = torch.arange(f) > 0
+        frame_valid = frame_valid_host.to(device)
+        targets = Targets(video=velocity_target(x0, eps_v), sigma_video=sigma_v, frame_valid=frame_valid,
+                          sigma_video_host=noise.sigma_video, frame_valid_host=frame_valid_host)
         if self.use_text and "text_emb" in batch:
             inputs["text_emb"] = batch["text_emb"]
 
@@ -130,7 +137,14 @@ class DiffusionForcingObjective:
 
     # ------------------------------------------------------------------------------------
     def losses(self, out: Any, targets: Targets) -> tuple[torch.Tensor, dict[str, float]]:
-        """Weighted total loss (scalar) and logged metrics (``loss``, ``loss_<term>``, sigma buckets)."""
+        """Weighted total loss (scalar) and logged metrics (``loss``, ``loss_<term>``, sigma buckets) as
+        floats. Reads the device once; the training step uses ``loss_terms`` and reads at log steps."""
+        loss, metrics = self.loss_terms(out, targets)
+        return loss, metrics_to_floats(metrics)
+
+    def loss_terms(self, out: Any, targets: Targets) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Weighted total loss (scalar) and the logged metrics as detached 0-dim tensors, computed without
+        reading the device (masks and bucket counts come from the targets' host copies)."""
         w = self.weights
         terms: dict[str, torch.Tensor] = {}
         if w["video"] > 0:
@@ -146,15 +160,38 @@ class DiffusionForcingObjective:
             terms["flame"] = mean_from_sum_count(*masked_mse_sum_count(out.flame, targets.flame, valid))
         lip_a, lip_s = getattr(out, "lip_audio", None), getattr(out, "lip_struct", None)
         if w["lipsync"] > 0 and lip_a is not None and lip_s is not None:
-            terms["lipsync"] = info_nce(lip_a, lip_s, targets.frame_valid, self.cfg.diffusion.lipsync_temperature)
+            valid = targets.frame_valid_host if targets.frame_valid_host is not None else targets.frame_valid
+            terms["lipsync"] = info_nce(lip_a, lip_s, valid, self.cfg.diffusion.lipsync_temperature)
         if not terms:
             raise ValueError("losses: no loss term could be computed (model output lacks every weighted stream)")
 
         loss = sum(w[k] * v for k, v in terms.items())
-        metrics = {"loss": float(loss.detach())}
-        metrics.update({f"loss_{k}": float(v.detach()) for k, v in terms.items()})
+        metrics = {"loss": loss.detach()}
+        metrics.update({f"loss_{k}": v.detach() for k, v in terms.items()})
         if "video" in terms:
-            stats = sigma_bucket_stats(per_frame_mse(out.video.detach(), targets.video), targets.sigma_video,
-                                       targets.frame_valid, self.cfg.diffusion.sigma_buckets)
-            metrics.update({name: mean for name, (mean, _) in stats.items()})
+            metrics.update(self._sigma_buckets(per_frame_mse(out.video.detach(), targets.video), targets))
         return loss, metrics
+
+    def _sigma_buckets(self, frame_loss: torch.Tensor, targets: Targets) -> dict[str, torch.Tensor]:
+        """Mean video loss per sigma bin over the valid frames (empty bins omitted), as device tensors;
+        bin membership and counts come from the host copy of sigma (the same bins as ``sigma_bucket_stats``)."""
+        nb = self.cfg.diffusion.sigma_buckets
+        sigma = targets.sigma_video_host if targets.sigma_video_host is not None else targets.sigma_video.cpu()
+        valid = targets.frame_valid_host if targets.frame_valid_host is not None else targets.frame_valid.cpu()
+        member = torch.nn.functional.one_hot(sigma_bucket_index(sigma, nb), nb).float()   # [B, F, nb]
+        member = member * valid.expand(sigma.shape).unsqueeze(-1)
+        counts = member.sum((0, 1))
+        sums = torch.einsum("bf,bfk->k", frame_loss.float(), member.to(frame_loss.device, non_blocking=True))
+        edges = sigma_bucket_edges(nb).tolist()
+        return {bucket_metric_name(edges[k], edges[k + 1]): sums[k] / counts[k]
+                for k in range(nb) if counts[k] > 0}
+
+
+def metrics_to_floats(metrics: dict[str, Any]) -> dict[str, float]:
+    """0-dim tensors (and numbers) -> floats, with one device read for all of them."""
+    keys = [k for k, v in metrics.items() if isinstance(v, torch.Tensor)]
+    out = {k: float(v) for k, v in metrics.items() if not isinstance(v, torch.Tensor)}
+    if keys:
+        values = torch.stack([metrics[k].detach().float().reshape(()) for k in keys]).cpu().tolist()
+        out.update(zip(keys, values))
+    return {k: out[k] for k in metrics}

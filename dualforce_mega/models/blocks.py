@@ -101,6 +101,7 @@ class DiTBlock(nn.Module):
         self.norm2 = FP32LayerNorm(dim, eps=cfg.eps, elementwise_affine=False)
         self.ffn = FeedForward(dim, cfg.ffn_dim)
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim ** 0.5)
+        self.activation_checkpointing = False   # recompute in the backward (set by parallel.parallelize)
 
     def forward(self, x: torch.Tensor, e0: torch.Tensor, groups: TokenGroups, angles: torch.Tensor,
                 spec: MaskSpec, text: Optional[torch.Tensor] = None, audio=None,

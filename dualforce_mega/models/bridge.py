@@ -26,6 +26,7 @@ class BridgeLayer(nn.Module):
         self.s2v = Attention(cfg.dim, cfg.heads, cfg.qk_norm, cfg.eps, cfg.attn_backend)
         self.v2s = (Attention(cfg.dim, cfg.heads, cfg.qk_norm, cfg.eps, cfg.attn_backend)
                     if cfg.bridge == "bidirectional" else None)
+        self.activation_checkpointing = False   # recompute in the backward (set by parallel.parallelize)
 
     def zero_init(self) -> None:
         for attn in (self.s2v, self.v2s):

@@ -6,7 +6,6 @@ KV-cache inference (a chunk of frames at absolute ``frame_ids``) and the sliding
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional, Protocol
 
 import torch
@@ -24,13 +23,41 @@ from .struct_dit import StructDiT
 from .video_dit import VideoDiT
 
 
-@dataclass
-class DualForceOutput:
-    video: torch.Tensor                       # [B, C, F, H, W] predicted velocity
-    struct: Optional[torch.Tensor] = None     # [B, N, motion_dim] predicted velocity
-    flame: Optional[torch.Tensor] = None      # [B, N, flame_dim] from the struct x0 estimate
-    lip_struct: Optional[torch.Tensor] = None  # [B, F, lipsync_dim] per latent frame
-    lip_audio: Optional[torch.Tensor] = None   # [B, F, lipsync_dim] per latent frame
+class DualForceOutput(dict):
+    """The model's outputs by name, readable as attributes (``out.video``).
+
+    A ``dict`` because DeepSpeed's ZeRO-3 hooks find the tensors of dicts, lists and tuples only
+    (and warn that they cannot see inside other types).
+      video       [B, C, F, H, W] predicted velocity
+      struct      [B, N, motion_dim] predicted velocity
+      flame       [B, N, flame_dim] from the struct x0 estimate
+      lip_struct  [B, F, lipsync_dim] per latent frame
+      lip_audio   [B, F, lipsync_dim] per latent frame
+    """
+    FIELDS = ("video", "struct", "flame", "lip_struct", "lip_audio")
+
+    def __init__(self, video: Optional[torch.Tensor] = None, struct: Optional[torch.Tensor] = None,
+                 flame: Optional[torch.Tensor] = None, lip_struct: Optional[torch.Tensor] = None,
+                 lip_audio: Optional[torch.Tensor] = None):
+        super().__init__(video=video, struct=struct, flame=flame, lip_struct=lip_struct, lip_audio=lip_audio)
+
+    def __getattr__(self, name: str) -> Optional[torch.Tensor]:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"DualForceOutput has no field {name!r}") from None
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name not in self.FIELDS:
+            raise AttributeError(f"DualForceOutput has no field {name!r} (fields: {', '.join(self.FIELDS)})")
+        self[name] = value
+
+
+def _run(block: nn.Module, recompute: bool, *args):
+    """``block(*args)``, recomputed in the backward when the block is marked for activation checkpointing."""
+    if recompute and block.activation_checkpointing:
+        return checkpoint(block, *args, use_reentrant=False)
+    return block(*args)
 
 
 class SequenceParallelGroup(Protocol):
@@ -54,7 +81,6 @@ class DualForceModel(nn.Module):
         self.bridge = nn.ModuleList(BridgeLayer(cfg) for _ in range(cfg.fusion_depth)) if cfg.struct_tower \
             else nn.ModuleList()
         self.aux = AuxHeads(cfg) if cfg.struct_tower else None
-        self.gradient_checkpointing = False
         # None = off. Otherwise each rank of the group runs its shard of the video tokens; the struct
         # stream, audio and text are replicated, and every rank returns the full outputs.
         self.sequence_parallel: Optional[SequenceParallelGroup] = None
@@ -62,6 +88,25 @@ class DualForceModel(nn.Module):
         for name, m in self.named_modules():
             if isinstance(m, Attention):
                 m.cache_name = name
+
+    def transformer_blocks(self) -> list[tuple[int, str, nn.Module]]:
+        """(layer index, qualified name, module) of every transformer block: the units that activation
+        checkpointing and regional compilation act on (video block, struct block, bridge layer)."""
+        out = [(i, f"video.blocks.{i}", b) for i, b in enumerate(self.video.blocks)]
+        if self.struct is not None:
+            out += [(i, f"struct.blocks.{i}", b) for i, b in enumerate(self.struct.blocks)]
+        out += [(i, f"bridge.{i}", b) for i, b in enumerate(self.bridge)]
+        return sorted(out, key=lambda t: t[0])
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        """True when every transformer block recomputes its activations in the backward."""
+        return all(b.activation_checkpointing for _, _, b in self.transformer_blocks())
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, on: bool) -> None:
+        for _, _, block in self.transformer_blocks():
+            block.activation_checkpointing = bool(on)
 
     def set_attention_backend(self, backend: str) -> None:
         """Switch every block-causal attention layer to ``backend`` (auto | sdpa | flex | flash)."""
@@ -129,22 +174,17 @@ class DualForceModel(nn.Module):
             audio_s = self._audio_context(self.struct, layout.struct, audio)
             specs = (layout.spec("struct", "struct"), layout.spec("video", "struct"), layout.spec("struct", "video"))
 
+        # per-block activation checkpointing (``block.activation_checkpointing``, set by parallel.parallelize)
+        recompute = self.training and cache is None and torch.is_grad_enabled()
         for i in range(cfg.layers):
-            def layer(xv_, xs_, i=i):
-                xv_ = self.video.blocks[i](xv_, e0_v, layout.video.groups, layout.video.angles, spec_vv,
-                                           text, audio_v, cache)
-                if xs_ is not None:
-                    xs_ = self.struct.blocks[i](xs_, e0_s, layout.struct.groups, layout.struct.angles, specs[0],
-                                                None, audio_s, cache)
-                    if i < len(self.bridge):
-                        xv_, xs_ = self.bridge[i](xv_, xs_, layout.video.bridge_angles,
-                                                  layout.struct.bridge_angles, specs[1], specs[2], cache)
-                return xv_, xs_
-
-            if self.gradient_checkpointing and self.training and cache is None:
-                xv, xs = checkpoint(layer, xv, xs, use_reentrant=False)
-            else:
-                xv, xs = layer(xv, xs)
+            xv = _run(self.video.blocks[i], recompute, xv, e0_v, layout.video.groups, layout.video.angles, spec_vv,
+                      text, audio_v, cache)
+            if xs is not None:
+                xs = _run(self.struct.blocks[i], recompute, xs, e0_s, layout.struct.groups, layout.struct.angles,
+                          specs[0], None, audio_s, cache)
+                if i < len(self.bridge):
+                    xv, xs = _run(self.bridge[i], recompute, xv, xs, layout.video.bridge_angles,
+                                  layout.struct.bridge_angles, specs[1], specs[2], cache)
 
         tokens = self.video.head(xv, e_v, layout.video.groups)
         if sp is not None:
@@ -188,5 +228,6 @@ class DualForceModel(nn.Module):
         if audio.shape[-1] != self.cfg.audio_dim:
             raise ValueError(f"audio: feature dim {audio.shape[-1]} != model.audio_dim={self.cfg.audio_dim}")
         feats = tower.audio_projector(audio.to(tower.audio_projector[0].weight.dtype))
+        # computed on the host from the layout's spans (no device read), or prebuilt by static-shape inference
         index, valid = stream.audio_window or audio_window_index(self.cfg, stream, audio.shape[1])
-        return AudioContext(feats, index, valid, stream.audio_groups)
+        return AudioContext(feats, index.to(feats.device), valid.to(feats.device), stream.audio_groups)

@@ -1,20 +1,29 @@
 """FP8 training for the transformer linears (DESIGN §6).
 
-Only the linears that carry the bulk of the FLOPs are converted: the q/k/v/o projections of every
+Candidates are the linears that carry the bulk of the FLOPs: the q/k/v/o projections of every
 ``Attention`` (self-attention, text cross-attention, audio cross-attention, both bridge directions)
 and the two FFN linears of every ``FeedForward``. Modulation tables, embeddings (patch, text, time,
 audio projector, struct tokenizer, keypoints), norms, the auxiliary heads and the output head stay
 in bf16: they are small, and they set the scale of everything downstream.
 
+Of the candidates only those where FP8 pays are converted (``fp8_pays``), given the token rows of
+each GEMM in the training shape (``rows``: per stream, from parallel/parallelize.py): FP8 halves the
+time of the three GEMMs (forward, dgrad, wgrad) but every operand is first scaled and cast, a
+memory-bound pass. At the struct tower's 33 tokens the casts of the weights cost far more than the
+GEMMs save, so that tower, the audio and text keys/values stay bf16; at a video window's ~9k tokens
+the FFN pays clearly and the attention projections about break even.
+
 Backends, chosen by ``train.fp8_backend``:
   te       Transformer Engine ``te.Linear`` under ``te.fp8_autocast`` (``train.fp8_recipe``: delayed ->
-           ``DelayedScaling``, current -> ``Float8CurrentScaling``; HYBRID format: E4M3 forward,
-           E5M2 gradients). Wrap the forward in ``fp8_autocast(state)``.
-  torchao  ``torchao.float8.convert_to_float8_training`` with dynamic tensor-wise scaling (torchao has
-           no delayed scaling; both recipes map to it). Needs no context manager.
-  torch    ``fp8_torch.TorchFP8Linear``: the same tensor-wise current scaling on ``torch._scaled_mm``
-           alone, for machines with neither package.
+           ``DelayedScaling``, current / rowwise -> ``Float8CurrentScaling``; HYBRID format: E4M3
+           forward, E5M2 gradients). Wrap the forward in ``fp8_autocast(state)``.
+  torchao  ``torchao.float8.convert_to_float8_training`` with dynamic scaling: ``rowwise`` -> its
+           row-wise recipe, delayed / current -> tensor-wise (torchao has no delayed scaling). Needs
+           no context manager; meant to run under torch.compile, which fuses the casts.
+  torch    ``fp8_torch.TorchFP8Linear``: tensor-wise current scaling on ``torch._scaled_mm`` alone.
   auto     te when ``transformer_engine`` imports, else torchao, else torch.
+The packages are imported only when FP8 is switched on (their import logs noise about compiled
+extensions of other CUDA / torch builds, which the float8 training path does not use).
 
 Dimension policy: FP8 GEMMs need the feature dims (in and out) to be multiples of 16. A linear whose
 feature dims are not is skipped and logged (every linear of the shipped presets qualifies). The
@@ -28,6 +37,7 @@ FP8 is switched off, with a log line saying so, without CUDA or below compute ca
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import Callable, ContextManager, Optional
@@ -37,6 +47,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import Config, ConfigError
+from ..hardware import H100, Accelerator, TERA, datasheet
 from .blocks import Attention
 from .fp8_torch import TorchFP8Linear
 from .layers import FeedForward
@@ -44,7 +55,11 @@ from .layers import FeedForward
 log = logging.getLogger(__name__)
 
 FP8_BACKENDS = ("auto", "te", "torchao", "torch")
-FP8_RECIPES = ("delayed", "current")
+FP8_RECIPES = ("delayed", "current", "rowwise")
+# bytes moved per operand element by dynamic scaling: amax pass (read 2) + scaled cast (read 2, write 1),
+# then the fp8 copy transposed for the backward GEMMs (read 1, write 1)
+CAST_BYTES_PER_ELEMENT = 5
+TRANSPOSE_BYTES_PER_ELEMENT = 2
 # FP8 tensor-core GEMMs (cuBLASLt / TE) need feature dims that are multiples of this.
 FP8_DIM_MULTIPLE = 16
 # First compute capability with FP8 tensor cores (Ada 8.9, Hopper 9.0).
@@ -58,7 +73,8 @@ class FP8State:
     recipe: str = ""
     reason: str = ""                         # why FP8 is off / which backend runs
     converted: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)        # feature dims not multiples of 16
+    not_paying: list[str] = field(default_factory=list)     # GEMMs too small for FP8 to pay
     te_recipe: object = None                 # the TE recipe object (te only)
 
     @property
@@ -101,12 +117,82 @@ def fp8_targets(model: nn.Module) -> tuple[list[str], list[str]]:
     return ok, skipped
 
 
+def linear_rows(name: str, rows: dict[str, int]) -> int:
+    """Token rows of the GEMM input of the candidate linear ``name``, given rows per stream
+    (``video``, ``struct``, ``audio``, ``text``).
+
+    Queries, outputs and FFNs run on their tower's stream; keys and values on the context: the same
+    stream for self-attention, text for ``cross_attn``, audio features for ``audio_attn``, the other
+    tower for the bridge (``s2v``: video queries struct, ``v2s``: struct queries video).
+    """
+    parts = name.split(".")
+    if parts[0] == "bridge":                       # bridge.<i>.<s2v|v2s>.<q|k|v|o>
+        query, context = ("video", "struct") if parts[2] == "s2v" else ("struct", "video")
+    else:                                          # <video|struct>.blocks.<i>.<sublayer>....
+        query = parts[0]
+        context = {"cross_attn": "text", "audio_attn": "audio"}.get(parts[3], query)
+    return rows[context if parts[-1] in ("k", "v") else query]
+
+
+def fp8_speedup(m: int, k: int, n: int, acc: Accelerator) -> float:
+    """Predicted (bf16 time) / (FP8 time) of one linear's forward + backward GEMMs, [m, k] x [k, n].
+
+    Both ceilings from the datasheet: the three GEMMs at the bf16 or FP8 rate; FP8 adds the casts of
+    x, W and the output gradient and the transposed fp8 copies (``CAST_BYTES_PER_ELEMENT``,
+    ``TRANSPOSE_BYTES_PER_ELEMENT``) at the memory bandwidth. Under torch.compile the casts fuse
+    into neighbouring kernels, so this is the pessimistic side."""
+    if m <= 0 or acc.fp8_tflops <= 0:
+        return 0.0
+    flops = 3 * 2 * m * k * n
+    elements = m * k + k * n + m * n
+    t16 = flops / (acc.bf16_tflops * TERA)
+    t8 = flops / (acc.fp8_tflops * TERA) + \
+        (CAST_BYTES_PER_ELEMENT + TRANSPOSE_BYTES_PER_ELEMENT) * elements / (acc.bandwidth_tbs * TERA)
+    return t16 / t8
+
+
+def fp8_pays(model: nn.Module, names: list[str], rows: dict[str, int], acc: Accelerator
+             ) -> tuple[list[str], list[str]]:
+    """(names whose predicted ``fp8_speedup`` > 1, the rest)."""
+    pays, not_paying = [], []
+    for name in names:
+        lin = model.get_submodule(name)
+        gain = fp8_speedup(linear_rows(name, rows), lin.in_features, lin.out_features, acc)
+        (pays if gain > 1.0 else not_paying).append(name)
+    return pays, not_paying
+
+
+def accelerator_of(device: Optional[torch.device]) -> Accelerator:
+    """The datasheet of ``device`` (the H100's when it is not in the table, with a log line)."""
+    name = torch.cuda.get_device_name(device) if device is not None and device.type == "cuda" else "cpu"
+    acc = datasheet(name)
+    if acc is None:
+        log.info("fp8: no datasheet entry for %r; pricing FP8 with the H100's figures", name)
+        return H100
+    return acc
+
+
 # --------------------------------------------------------------------------------------
 # backend choice
 # --------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _quiet_import(*loggers: str):
+    """Import an FP8 package without its import-time log noise (failed loads of compiled extensions
+    for other builds, deprecation notices): those loggers are raised to ERROR for the import."""
+    saved = [(logging.getLogger(n), logging.getLogger(n).level) for n in loggers]
+    for lg, _ in saved:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in saved:
+            lg.setLevel(level)
+
+
 def _te_available() -> bool:
     try:
-        import transformer_engine.pytorch  # noqa: F401
+        with _quiet_import("transformer_engine"):
+            import transformer_engine.pytorch  # noqa: F401
         return True
     except Exception:  # not installed, or built against another torch / CUDA
         return False
@@ -114,7 +200,8 @@ def _te_available() -> bool:
 
 def _torchao_available() -> bool:
     try:
-        from torchao.float8 import convert_to_float8_training  # noqa: F401
+        with _quiet_import("torchao", "torch.utils._pytree"):
+            from torchao.float8 import convert_to_float8_training  # noqa: F401
         return True
     except Exception:
         return False
@@ -142,12 +229,15 @@ def choose_backend(cfg: Config, device: Optional[torch.device] = None) -> tuple[
         return "te", f"Transformer Engine te.Linear, recipe {t.fp8_recipe}"
     if want == "te":
         raise ConfigError("train.fp8_backend=te: transformer_engine is not importable")
-    note = "" if t.fp8_recipe == "current" else " (train.fp8_recipe=delayed needs TE: dynamic tensor-wise instead)"
     if want in ("auto", "torchao") and _torchao_available():
-        return "torchao", f"torchao float8 training, tensor-wise current scaling{note}"
+        if t.fp8_recipe == "rowwise":
+            return "torchao", "torchao float8 training, row-wise dynamic scaling"
+        note = "" if t.fp8_recipe == "current" else " (train.fp8_recipe=delayed needs TE: dynamic tensor-wise instead)"
+        return "torchao", f"torchao float8 training, tensor-wise dynamic scaling{note}"
     if want == "torchao":
         raise ConfigError("train.fp8_backend=torchao: torchao.float8 is not importable")
     if hasattr(torch, "_scaled_mm"):
+        note = "" if t.fp8_recipe == "current" else f" (train.fp8_recipe={t.fp8_recipe} needs TE or torchao)"
         return "torch", f"torch._scaled_mm FP8 linears, tensor-wise current scaling{note}"
     return "off", "no FP8 GEMM available (no transformer_engine, torchao or torch._scaled_mm); linears stay bf16"
 
@@ -160,7 +250,7 @@ def _te_recipe(name: str) -> object:
 
     if name == "delayed":
         return te_recipe.DelayedScaling(fp8_format=te_recipe.Format.HYBRID)
-    return te_recipe.Float8CurrentScaling(fp8_format=te_recipe.Format.HYBRID)
+    return te_recipe.Float8CurrentScaling(fp8_format=te_recipe.Format.HYBRID)   # current, rowwise
 
 
 def _te_linear_class() -> type:
@@ -185,13 +275,15 @@ def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def convert_linears(model: nn.Module, backend: str, names: list[str]) -> None:
+def convert_linears(model: nn.Module, backend: str, names: list[str], recipe: str = "current") -> None:
     """Replace the linears ``names`` of ``model`` in place by ``backend``'s FP8 linear (weights kept)."""
     if backend == "torchao":
-        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+        with _quiet_import("torchao", "torch.utils._pytree"):
+            from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
+        config = Float8LinearConfig.from_recipe_name("rowwise" if recipe == "rowwise" else "tensorwise")
         wanted = set(names)
-        convert_to_float8_training(model, config=Float8LinearConfig(pad_inner_dim=True),
+        convert_to_float8_training(model, config=dataclasses.replace(config, pad_inner_dim=True),
                                    module_filter_fn=lambda mod, fqn: fqn in wanted)
         return
     if backend == "torch":
@@ -213,9 +305,12 @@ def convert_linears(model: nn.Module, backend: str, names: list[str]) -> None:
         _swap(model, name, new)
 
 
-def apply_fp8(model: nn.Module, cfg: Config, device: Optional[torch.device] = None) -> FP8State:
+def apply_fp8(model: nn.Module, cfg: Config, device: Optional[torch.device] = None,
+              rows: Optional[dict[str, int]] = None) -> FP8State:
     """Convert the transformer linears of ``model`` to FP8 if ``cfg.train.fp8`` and the hardware allow.
 
+    ``rows``: token rows per stream of a training micro batch (``linear_rows``); with it, only the
+    linears where ``fp8_pays`` are converted, without it every candidate with FP8-able dims.
     Call once, after the model is on its device and in its dtype and before the optimizer is
     built (the TE backend replaces parameters). Logs which backend runs, or why none does.
     """
@@ -229,11 +324,17 @@ def apply_fp8(model: nn.Module, cfg: Config, device: Optional[torch.device] = No
         lin = model.get_submodule(name)
         log.info("fp8: %s stays bf16 (in=%d, out=%d not multiples of %d)", name, lin.in_features,
                  lin.out_features, FP8_DIM_MULTIPLE)
-    convert_linears(model, backend, ok)
+    not_paying: list[str] = []
+    if rows is not None:
+        acc = accelerator_of(device)
+        ok, not_paying = fp8_pays(model, ok, rows, acc)
+        log.info("fp8: %d linears stay bf16 where FP8 would not pay on %s (token rows per stream %s)",
+                 len(not_paying), acc.name, rows)
+    convert_linears(model, backend, ok, cfg.train.fp8_recipe)
     if backend == "te":
         state.te_recipe = _te_recipe(cfg.train.fp8_recipe)
-    state.converted, state.skipped = ok, skipped
-    log.info("fp8: %s — %d linears converted, %d skipped", reason, len(ok), len(skipped))
+    state.converted, state.skipped, state.not_paying = ok, skipped, not_paying
+    log.info("fp8: %s — %d linears converted, %d skipped", reason, len(ok), len(skipped) + len(not_paying))
     return state
 
 

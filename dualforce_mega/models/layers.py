@@ -91,6 +91,9 @@ class TokenGroups:
         idx = torch.arange(num_groups, device=device).repeat_interleave(per_group)
         return TokenGroups(idx, num_groups, per_group)
 
+    def to(self, device: torch.device) -> "TokenGroups":
+        return TokenGroups(self.group.to(device), self.num_groups, self.per_group, self.start)
+
     def expand(self, per_frame: torch.Tensor) -> torch.Tensor:
         """[B, G, ...] -> [B, L, ...] (a view when groups are uniform)."""
         if self.is_uniform(self.group.numel()):

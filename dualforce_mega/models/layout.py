@@ -46,6 +46,14 @@ class StreamLayout:
     # receives; None = computed from ``audio_spans`` by the forward (static-shape inference sets them)
     audio_window: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
+    def to(self, device: torch.device) -> "StreamLayout":
+        """Every tensor on ``device`` except ``audio_spans``, which the audio windows read on the host."""
+        groups = self.groups.to(device)
+        audio_groups = groups if self.audio_groups is self.groups else self.audio_groups.to(device)
+        return StreamLayout(self.blocks.to(device), groups, self.angles.to(device),
+                            self.bridge_angles.to(device), self.audio_spans, audio_groups, self.key,
+                            self.audio_window)
+
 
 @dataclass(frozen=True)
 class VideoShard:
@@ -136,7 +144,11 @@ def shard_video(layout: Layout, rank: int, size: int) -> Layout:
 
 def build_layout(cfg: ModelConfig, frame_ids: torch.Tensor, grid_hw: tuple[int, int], with_struct: bool,
                  window_blocks: int, device: torch.device) -> Layout:
-    ids = frame_ids.to(device=device, dtype=torch.long)
+    """The layout of ``frame_ids`` (host tensor), computed on the host and copied to ``device`` once, so
+    that building it never waits for the device (its sizes depend on the values); ``frame_ids`` and the
+    audio spans stay on the host."""
+    ids = frame_ids.to(device="cpu", dtype=torch.long)
+    host = torch.device("cpu")
     f = ids.numel()
     h, w = grid_hw
     hw = h * w
@@ -146,7 +158,7 @@ def build_layout(cfg: ModelConfig, frame_ids: torch.Tensor, grid_hw: tuple[int, 
     spans = latent_frame_spans(ids, cfg.vae_temporal_stride)
     id_key = tuple(frame_ids.tolist())
 
-    frames = TokenGroups.uniform(f, hw, device)  # one group per latent frame, for sigma and audio alike
+    frames = TokenGroups.uniform(f, hw, host)  # one group per latent frame, for sigma and audio alike
     video = StreamLayout(
         blocks=latent_block.repeat_interleave(hw),
         groups=frames,
@@ -159,8 +171,8 @@ def build_layout(cfg: ModelConfig, frame_ids: torch.Tensor, grid_hw: tuple[int, 
     struct = None
     if with_struct:
         counts = spans[:, 1] - spans[:, 0] + 1
-        frame_of_token = torch.arange(f, device=device).repeat_interleave(counts)
-        vframe = torch.cat([torch.arange(int(s), int(e) + 1, device=device) for s, e in spans.tolist()])
+        frame_of_token = torch.arange(f).repeat_interleave(counts)
+        vframe = torch.cat([torch.arange(int(s), int(e) + 1) for s, e in spans.tolist()])
         n = vframe.numel()
         struct = StreamLayout(
             blocks=latent_block[frame_of_token],
@@ -168,10 +180,10 @@ def build_layout(cfg: ModelConfig, frame_ids: torch.Tensor, grid_hw: tuple[int, 
             angles=rope_angles(vframe, (hd,), cfg.rope_theta),
             bridge_angles=rope_angles(ids[frame_of_token], (hd,), cfg.rope_theta),
             audio_spans=torch.stack([vframe, vframe], dim=-1),
-            audio_groups=TokenGroups.uniform(n, 1, device),
+            audio_groups=TokenGroups.uniform(n, 1, host),
             key=("s", id_key, cbs),
-        )
-    return Layout(ids, video, struct, window_blocks, sink=1)
+        ).to(device)
+    return Layout(ids, video.to(device), struct, window_blocks, sink=1)
 
 
 def audio_window_index(cfg: ModelConfig, stream: StreamLayout, num_audio: int

@@ -2,14 +2,21 @@
 
 Every value DeepSpeed would otherwise default is set explicitly: in particular ``gradient_clipping``
 (DeepSpeed's silent default is 1.0) comes from ``train.grad_clip``.
+
+The optimizer is a client optimizer, torch's AdamW (``build_optimizer``: fused on CUDA), never one
+of DeepSpeed's ops: its FusedAdam and CPUAdam are JIT-compiled C++/CUDA extensions, which need nvcc
+and a parseable ``TORCH_CUDA_ARCH_LIST`` at start-up (``9.0a`` made DeepSpeed 0.19 raise before step 1).
+With the optimizer offloaded to the CPU, ``zero_force_ds_cpu_optimizer`` is off so DeepSpeed keeps
+torch's AdamW instead of insisting on its CPUAdam.
 """
 from __future__ import annotations
 
 from typing import Any
 
+import torch
 import torch.nn as nn
 
-from ..config import Config, ConfigError
+from ..config import Config, ConfigError, TrainConfig
 
 
 def resolve_precision(cfg: Config, device_type: str) -> str:
@@ -49,21 +56,13 @@ def build_deepspeed_config(cfg: Config, dp_size: int, device_type: str) -> dict[
         if p.zero_stage == 0:
             raise ConfigError("parallel.offload_optimizer: needs parallel.zero_stage >= 1")
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
-    optimizer_params: dict[str, Any] = {
-        "lr": t.lr,
-        "betas": list(t.betas),
-        "eps": t.adam_eps,
-        "weight_decay": t.weight_decay,
-    }
-    if not on_gpu and not p.offload_optimizer:
-        # FusedAdam needs CUDA; on CPU use torch's AdamW (same update rule).
-        optimizer_params["torch_adam"] = True
     ds: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": t.micro_batch,
         "gradient_accumulation_steps": grad_accum_steps(cfg, dp_size),
         "gradient_clipping": t.grad_clip,
-        "optimizer": {"type": "AdamW", "params": optimizer_params},
+        # no "optimizer" section: the client optimizer (build_optimizer) is passed to deepspeed.initialize
         "zero_optimization": zero,
+        "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": max(t.steps, 1) + 1,   # our own logger reports progress
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": False,
@@ -82,3 +81,10 @@ def optimizer_param_groups(model: nn.Module, weight_decay: float) -> list[dict[s
             continue
         (decay if param.ndim >= 2 else no_decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, t: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """torch's AdamW over ``optimizer_param_groups``: the trainer's DeepSpeed client optimizer and the
+    optimizer of the single-process paths. Fused (one kernel for all parameters) on CUDA."""
+    return torch.optim.AdamW(optimizer_param_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas),
+                             eps=t.adam_eps, weight_decay=t.weight_decay, fused=device.type == "cuda")

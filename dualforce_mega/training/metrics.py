@@ -7,8 +7,10 @@ import math
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
 import torch.distributed as dist
 
+from ..diffusion.objective import metrics_to_floats
 from ..fsutil import atomic_write
 
 log = logging.getLogger(__name__)
@@ -16,29 +18,46 @@ log = logging.getLogger(__name__)
 
 class MetricAccumulator:
     """(sum, count) per metric name, so keys missing on some micro batches (e.g. an empty sigma bucket,
-    reported as NaN or absent) average over the micro batches that have them."""
+    reported as NaN or absent) average over the micro batches that have them.
+
+    Metrics may be floats or 0-dim device tensors: tensors are summed on their device (NaN skipped
+    there too) and read only in ``reduce``, so accumulating never waits for the device."""
 
     def __init__(self) -> None:
-        self.sums: dict[str, float] = {}
-        self.counts: dict[str, int] = {}
+        self.sums: dict[str, Any] = {}
+        self.counts: dict[str, Any] = {}
         self.tokens = 0
         self.samples = 0
         self.sample_ids: list[int] = []
 
-    def add(self, metrics: dict[str, float], tokens: int, sample_ids: list[int]) -> None:
+    def add(self, metrics: dict[str, Any], tokens: int, sample_ids: list[int]) -> None:
         for key, value in metrics.items():
-            value = float(value)
-            if math.isnan(value):
-                continue
+            if isinstance(value, torch.Tensor):
+                v = value.detach().float().reshape(())
+                ok = ~torch.isnan(v)
+                value, count = torch.where(ok, v, torch.zeros_like(v)), ok.to(torch.int64)
+            else:
+                value = float(value)
+                if math.isnan(value):
+                    continue
+                count = 1
             self.sums[key] = self.sums.get(key, 0.0) + value
-            self.counts[key] = self.counts.get(key, 0) + 1
+            self.counts[key] = self.counts.get(key, 0) + count
         self.tokens += tokens
         self.samples += len(sample_ids)
         self.sample_ids.extend(sample_ids)
 
+    def _local(self) -> tuple[dict[str, float], dict[str, int]]:
+        """Sums and counts as Python numbers (one device read); metrics never seen are dropped."""
+        keys = list(self.sums)
+        floats = metrics_to_floats({k: self.sums[k] for k in keys})
+        counts = metrics_to_floats({k: self.counts[k] for k in keys})
+        kept = [k for k in keys if counts[k] > 0]
+        return {k: floats[k] for k in kept}, {k: int(counts[k]) for k in kept}
+
     def reduce(self) -> dict[str, Any]:
         """Collective over the world: mean of every metric over all micro batches of all ranks."""
-        local = (self.sums, self.counts, self.tokens, self.samples, self.sample_ids)
+        local = (*self._local(), self.tokens, self.samples, self.sample_ids)
         parts = [local]
         if dist.is_initialized() and dist.get_world_size() > 1:
             parts = [None] * dist.get_world_size()

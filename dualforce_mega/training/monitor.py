@@ -1,13 +1,16 @@
 """Resource telemetry for the metrics record: memory, GPU power/utilisation/temperature, peak FLOP/s, MFU."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import statistics
 import time
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
+
+from ..hardware import TERA, datasheet
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +87,50 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype, size: int = 819
         times.append(time.perf_counter() - start)
     del a, b
     return 2.0 * size ** 3 / statistics.median(times)
+
+
+def datasheet_peak_flops(device: torch.device, dtype: torch.dtype) -> Optional[float]:
+    """The datasheet's dense bf16 tensor-core FLOP/s of ``device`` (bf16 training only), or None."""
+    if device.type != "cuda" or dtype != torch.bfloat16:
+        return None
+    acc = datasheet(torch.cuda.get_device_name(device))
+    return acc.bf16_tflops * TERA if acc is not None else None
+
+
+class StepClock:
+    """Seconds per optimizer step, and the part of it the host spent blocked on the data loader, averaged
+    over the steps since the last ``read``. Only ``read`` synchronizes the device (at log steps)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._sync()
+        self.start = time.perf_counter()
+        self.steps = 0
+        self.wait = 0.0
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @contextlib.contextmanager
+    def waiting(self) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.wait += time.perf_counter() - t0
+
+    def tick(self) -> None:
+        self.steps += 1
+
+    def read(self) -> dict[str, float]:
+        """{"step_time_s", "data_wait_s"} per step since the last read; starts the next interval."""
+        self._sync()
+        now = time.perf_counter()
+        steps = max(self.steps, 1)
+        out = {"step_time_s": (now - self.start) / steps, "data_wait_s": self.wait / steps}
+        self.start, self.steps, self.wait = now, 0, 0.0
+        return out
 
 
 def mfu(flops_per_sample: Optional[float], samples: int, step_time_s: float, world_size: int,

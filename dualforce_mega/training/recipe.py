@@ -56,14 +56,11 @@ class DualForceRecipe:
 
     def parallelize(self, model: nn.Module, cfg: Config, device: torch.device, dtype: torch.dtype,
                     groups: Groups) -> Any:
-        from ..models.fp8 import apply_fp8
-        from ..parallel.sequence_parallel import apply_sequence_parallel
-        # shard the video tokens over the SP group (no-op at sp=1); ranks of a group share the batch and
-        # noise, and DeepSpeed's world-average of gradients is then exact (parallel/sequence_parallel.py)
-        apply_sequence_parallel(model, groups.sp_group)
-        # FP8 linears replace parameters: convert on the final device and dtype, before the optimizer exists
-        model.to(device=device, dtype=dtype)
-        return apply_fp8(model, cfg, device)
+        """parallel.parallelize: SP over the group (ranks of a group share the batch and noise, so
+        DeepSpeed's world-average of gradients is exact), device and dtype, FP8 where it pays,
+        activation checkpointing, regional compilation."""
+        from ..parallel.parallelize import parallelize
+        return parallelize(model, cfg, device, dtype, groups.sp_group, world=groups.dp_size * groups.sp_size).fp8
 
     def objective(self, cfg: Config, device: torch.device) -> Any:
         from ..diffusion.objective import DiffusionForcingObjective
@@ -77,11 +74,11 @@ class DualForceRecipe:
         return GlobalBatchFeed(cfg, dp_rank, dp_size, accum)
 
     def tokens(self, cfg: Config, inputs: dict[str, torch.Tensor]) -> int:
-        from .trainer import tokens_in
+        from .step import tokens_in
         return tokens_in(inputs, cfg.model.patch_size)
 
     def flops_per_sample(self, cfg: Config, inputs: dict[str, torch.Tensor]) -> Optional[float]:
-        from .trainer import sample_training_flops
+        from .step import sample_training_flops
         return sample_training_flops(cfg, inputs)
 
     def after_step(self, cfg: Config, step: int, engine: Any, objective: Any, device: torch.device,

@@ -2,10 +2,11 @@
 
     python -m dualforce_mega.training.single_process --steps 200 --set train.lr=1e-3 --set data.window=3
 
-builds the configured model, draws in-memory synthetic clips (``data.synthetic_*``), cuts random
-windows with ``data.windowing.slice_window`` (docs/INTERFACES.md, Batches), and runs AdamW on the
-Diffusion Forcing objective (warmup + cosine learning rate as in the trainer), logging every ``train.log_every`` steps. Each optimizer step takes one batch of
-``train.global_batch`` samples (no gradient accumulation).
+builds the configured model, prepares it like the trainer (``parallel.parallelize``), draws in-memory
+synthetic clips (``data.synthetic_*``), cuts random windows with ``data.windowing.slice_window``
+(docs/INTERFACES.md, Batches), and runs the trainer's training step (``training.step``) with torch's
+AdamW (warmup + cosine learning rate as in the trainer), logging every ``train.log_every`` steps.
+Each optimizer step takes one batch of ``train.global_batch`` samples (no gradient accumulation).
 """
 from __future__ import annotations
 
@@ -19,10 +20,13 @@ from ..config import Config, add_config_arguments, config_from_args
 from ..data.schema import ShardSchema
 from ..data.synthetic import make_synthetic_clip
 from ..data.windowing import slice_window
-from ..diffusion.noise import mix_seed, sample_seeds
-from ..diffusion.objective import DiffusionForcingObjective
+from ..diffusion.noise import mix_seed
+from ..diffusion.objective import metrics_to_floats
 from ..models import DualForceModel
+from ..parallel.deepspeed_config import build_optimizer, resolve_precision
+from ..parallel.parallelize import parallelize
 from .schedule import lr_factor
+from .step import TorchUpdater, TrainStep
 
 log = logging.getLogger(__name__)
 
@@ -77,28 +81,22 @@ def train_single_process(cfg: Config, batches: Iterable[dict], steps: Optional[i
     (``step``, ``lr``, ``grad_norm`` and the objective's ``loss*`` metrics)."""
     t = cfg.train
     steps = t.steps if steps is None else steps
-    model = (model or build_model(cfg)).to(device).train()
-    objective = DiffusionForcingObjective(cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.betas), eps=t.adam_eps,
-                            weight_decay=t.weight_decay)
+    dev = torch.device(device)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[resolve_precision(cfg, dev.type)]
+    model = model or build_model(cfg)
+    prepared = parallelize(model, cfg, dev, dtype)
+    model.train()
+    opt = build_optimizer(model, t, dev)
+    train_step = TrainStep(cfg, model, TorchUpdater(model, opt, t.grad_clip), dev, dtype, prepared.fp8)
     history: list[dict[str, float]] = []
     it = iter(batches)
     for step in range(steps):
         lr = t.lr * lr_factor(step, t.warmup_steps, steps, t.min_lr_ratio)
         for group in opt.param_groups:
             group["lr"] = lr
-        batch = next(it)
-        seeds = sample_seeds(t.seed, step, batch["__index__"])
-        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        inputs, targets = objective.prepare(batch, seeds)
-        out = model(**inputs, return_aux=True)
-        loss, metrics = objective.losses(out, targets)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
-        opt.step()
-        metrics.update(step=step, lr=lr, grad_norm=grad_norm)
+        grad_norm = train_step([next(it)], step)
+        metrics = metrics_to_floats({**train_step.last.metrics, "grad_norm": grad_norm})
+        metrics.update(step=step, lr=lr)
         history.append(metrics)
         if t.log_every and step % t.log_every == 0:
             log.info("step %d %s", step, " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "step"))

@@ -8,27 +8,23 @@ identical data and noise.
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import deepspeed
 import torch
 
 from ..config import Config
-from ..diffusion.noise import sample_seeds
-from ..flops import forward_flops
 from ..models import DualForceModel
-from ..models.fp8 import fp8_autocast
-from ..parallel.deepspeed_config import (build_deepspeed_config, grad_accum_steps, optimizer_param_groups,
-                                         resolve_precision)
+from ..parallel.deepspeed_config import build_deepspeed_config, build_optimizer, grad_accum_steps, resolve_precision
 from ..parallel.groups import Groups
 from .checkpoint import CheckpointManager, Resumed
 from .metrics import MetricAccumulator, MetricsWriter
-from .monitor import GpuMonitor, measure_peak_flops, memory_mb, mfu
+from .monitor import GpuMonitor, StepClock, datasheet_peak_flops, measure_peak_flops, memory_mb, mfu
 from .recipe import recipe_for
 from .rng import capture_rng, restore_rng
 from .schedule import build_lr_scheduler
+from .step import DeepSpeedUpdater, TrainStep, sample_training_flops, tokens_in  # noqa: F401 (this module's API)
 
 log = logging.getLogger(__name__)
 
@@ -39,34 +35,13 @@ _TERA = 1e12
 def build_model(cfg: Config) -> DualForceModel:
     """Same seed on every rank -> identical initial weights before ZeRO partitions them."""
     torch.manual_seed(cfg.train.seed)
-    model = DualForceModel(cfg.model)
-    # the single place activation checkpointing is switched (per transformer layer)
-    model.gradient_checkpointing = cfg.train.activation_checkpointing
-    return model
-
-
-def tokens_in(inputs: dict[str, torch.Tensor], patch_size: tuple) -> int:
-    """Transformer tokens of a micro batch: video patches plus struct frames."""
-    b, _, f, h, w = inputs["video_latent"].shape
-    tokens = b * f * (h // patch_size[1]) * (w // patch_size[2])
-    if "struct" in inputs:
-        tokens += inputs["struct"].shape[0] * inputs["struct"].shape[1]
-    return tokens
-
-
-def sample_training_flops(cfg: Config, inputs: dict[str, torch.Tensor]) -> float:
-    """Model FLOPs (forward + backward, no recomputation) of one sample of this batch's shape."""
-    _, _, frames, h, w = inputs["video_latent"].shape
-    text_len = inputs["text_emb"].shape[1] if "text_emb" in inputs else 0
-    count = forward_flops(cfg.model, 1, frames, (h, w), text_len=text_len, with_struct="struct" in inputs,
-                          with_audio="audio" in inputs, return_aux=True, attention="causal")
-    return count.training
+    return DualForceModel(cfg.model)
 
 
 class Trainer:
     """``recipe`` (default: the one of ``run.task``, DualForce unless configured) supplies the model, the
-    objective, the data and any per-step work (training/recipe.py); the engine, batch layout, checkpoints
-    and metrics are the same for every task."""
+    objective, the data and any per-step work (training/recipe.py); the engine, batch layout, training
+    step (training/step.py), checkpoints and metrics are the same for every task."""
 
     def __init__(self, cfg: Any, groups: Groups, device: torch.device, rank: int, world_size: int,
                  recipe: Any = None):
@@ -77,25 +52,29 @@ class Trainer:
         self.precision = resolve_precision(cfg, device.type)
         self.dtype = _DTYPES[self.precision]
         self.accum = grad_accum_steps(cfg, groups.dp_size)
-        self.objective = self.recipe.objective(cfg, device)
-        self.model_kwargs = self.recipe.model_kwargs(cfg)
 
         torch.manual_seed(cfg.train.seed)   # identical initial weights on every rank before ZeRO partitions them
         model = self.recipe.build_model(cfg)
+        # SP, device and dtype, FP8, activation checkpointing, compilation (DualForce: parallel.parallelize),
+        # before the optimizer exists (FP8 backends may replace parameters)
         self.fp8 = self.recipe.parallelize(model, cfg, device, self.dtype, groups)
         ds_config = build_deepspeed_config(cfg, groups.dp_size, device.type)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=model, model_parameters=optimizer_param_groups(model, cfg.train.weight_decay),
-            config=ds_config, lr_scheduler=lambda opt: build_lr_scheduler(opt, cfg.train),
-            dist_init_required=False)
+            model=model, optimizer=build_optimizer(model, cfg.train, device), config=ds_config,
+            lr_scheduler=lambda opt: build_lr_scheduler(opt, cfg.train), dist_init_required=False)
+        self.step = TrainStep(cfg, self.engine, DeepSpeedUpdater(self.engine), device, self.dtype, self.fp8,
+                              self.recipe)
+        self.objective = self.step.objective
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.train.keep_last, rank, world_size)
         self.data = self.recipe.feed(cfg, groups.dp_rank, groups.dp_size, self.accum)
         self.gpu = GpuMonitor(device)
         self.peak_flops: Optional[float] = None
+        self.datasheet_flops = datasheet_peak_flops(device, self.dtype)
         self.flops_per_sample: Optional[float] = None
         if device.type == "cuda":
             self.peak_flops = measure_peak_flops(device, self.dtype)
-            log.info("measured matmul peak %.1f TFLOP/s (%s)", self.peak_flops / _TERA, self.precision)
+            log.info("measured matmul peak %.1f TFLOP/s (%s); datasheet %s", self.peak_flops / _TERA,
+                     self.precision, "n/a" if self.datasheet_flops is None else f"{self.datasheet_flops / _TERA:.0f}")
         n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
         log.info("%s: %.2fM parameters, precision %s, ZeRO-%d, dp=%d sp=%d, micro_batch=%d, "
                  "grad_accum=%d, global_batch=%d", self.recipe.describe(cfg), n_params / 1e6, self.precision,
@@ -118,31 +97,12 @@ class Trainer:
         self.checkpoints.save(self.engine, step, client_state={}, rank_state=rank_state)
 
     # ------------------------------------------------------------------ loop
-    def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
-        return {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-                for k, v in batch.items()}
-
-    def _model_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
-        # data streams in the engine's dtype; sigmas stay fp32 (the model's modulation math is fp32)
-        return {k: v.to(self.dtype) if isinstance(v, torch.Tensor) and v.is_floating_point()
-                and not k.startswith("sigma") else v for k, v in inputs.items()}
-
-    def _micro_step(self, batch: dict[str, Any], step: int, acc: MetricAccumulator) -> None:
-        batch = self._to_device(batch)
-        seeds = sample_seeds(self.cfg.train.seed, step, batch["__index__"].cpu())
-        inputs, targets = self.objective.prepare(batch, seeds)
-        inputs = self._model_inputs(inputs)
-        if self.flops_per_sample is None:
-            self.flops_per_sample = self.recipe.flops_per_sample(self.cfg, inputs)
-        with fp8_autocast(self.fp8):
-            out = self.engine(**inputs, **self.model_kwargs)
-        loss, metrics = self.objective.losses(out, targets.to(self.device))
-        self.engine.backward(loss)
-        self.engine.step()    # DeepSpeed only updates at the accumulation boundary
-        # ranks of one sequence-parallel group share a sample: count its data once
-        owner = self.groups.sp_rank == 0
-        acc.add(metrics, self.recipe.tokens(self.cfg, inputs) if owner else 0,
-                batch["__index__"].tolist() if owner else [])
+    def _micro_batches(self, clock: StepClock) -> Iterator[dict[str, Any]]:
+        """This step's micro batches, the time spent waiting for each charged to ``clock``."""
+        for micro in range(self.accum):
+            with clock.waiting():
+                batch = self.data.next(micro)
+            yield batch
 
     def fit(self) -> None:
         cfg = self.cfg
@@ -152,33 +112,33 @@ class Trainer:
         if start >= cfg.train.steps:
             log.info("nothing to do: checkpoint step %d >= train.steps=%d", start, cfg.train.steps)
         self.engine.train()
+        clock = StepClock(self.device)
+        # ranks of one sequence-parallel group share a sample: count its data once
+        owner = self.groups.sp_rank == 0
         for step in range(start, cfg.train.steps):
             lr = self.scheduler.get_last_lr()[0]
             acc = MetricAccumulator()
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            t0 = time.perf_counter()
-            for micro in range(self.accum):
-                self._micro_step(self.data.next(micro), step, acc)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            step_time = time.perf_counter() - t0
+            self.step(self._micro_batches(clock), step, acc, count=owner)
+            clock.tick()
+            if self.flops_per_sample is None and self.step.last is not None:
+                self.flops_per_sample = self.recipe.flops_per_sample(cfg, self.step.last.inputs)
             done = step + 1
             extra = self.recipe.after_step(cfg, done, self.engine, self.objective, self.device, self.dtype,
                                            self.rank, self.world_size)
             if done % cfg.train.log_every == 0 or done == cfg.train.steps or extra:
-                self._log(writer, done, lr, step_time, acc, extra)
-            if done % cfg.train.save_every == 0 or done == cfg.train.steps:
+                self._log(writer, done, lr, clock.read(), acc, extra)   # the only device reads of the loop
+            if cfg.train.save_every and (done % cfg.train.save_every == 0 or done == cfg.train.steps):
                 self._save(done)
         if writer is not None:
             writer.close()
 
-    def _log(self, writer: Optional[MetricsWriter], step: int, lr: float, step_time: float,
+    def _log(self, writer: Optional[MetricsWriter], step: int, lr: float, timing: dict[str, float],
              acc: MetricAccumulator, extra: Optional[dict[str, float]] = None) -> None:
         reduced = acc.reduce()     # collective: every rank takes part
         grad_norm = self.engine.get_global_grad_norm()
         if writer is None:
             return
+        step_time = timing["step_time_s"]
         record: dict[str, Any] = {"step": step}
         record.update({k: v for k, v in reduced.items() if k.startswith("loss")})
         record.update({
@@ -186,15 +146,20 @@ class Trainer:
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "tokens_per_s": reduced["tokens"] / step_time,
             "step_time_s": step_time,
+            "data_wait_s": timing["data_wait_s"],
+            "data_wait_frac": timing["data_wait_s"] / step_time,
             "memory_mb": memory_mb(self.device),
             "samples": reduced["samples"],
             "sample_ids": reduced["sample_ids"],
         })
+        if self.device.type == "cuda":
+            record["memory_reserved_mb"] = torch.cuda.max_memory_reserved(self.device) / 2 ** 20
         if self.flops_per_sample:
             record["model_tflops_per_s"] = self.flops_per_sample * reduced["samples"] / step_time / _TERA
-        value = mfu(self.flops_per_sample, reduced["samples"], step_time, self.world_size, self.peak_flops)
-        if value is not None:
-            record["mfu"] = value
+        for key, peak in (("mfu", self.peak_flops), ("mfu_datasheet", self.datasheet_flops)):
+            value = mfu(self.flops_per_sample, reduced["samples"], step_time, self.world_size, peak)
+            if value is not None:
+                record[key] = value
         record.update(self.gpu.read())
         record.update(extra or {})
         writer.write(record, self.cfg.train.steps)
