@@ -165,8 +165,7 @@ class StaticForward:
         self._graphs[writing].replay()
         self.replays += 1
         out = self._outputs[writing]
-        return DualForceOutput(**{f.name: None if getattr(out, f.name) is None else getattr(out, f.name).clone()
-                                  for f in dataclasses.fields(out)})
+        return DualForceOutput(**{k: None if v is None else v.clone() for k, v in out.items()})
 
     def _capture(self, cache: StaticKVCache, frame_ids: torch.Tensor) -> None:
         """Capture the denoising and the writing forward (sharing one memory pool).

@@ -59,6 +59,7 @@ class MaskSpec:
 # --------------------------------------------------------------------------------------
 # optional kernels
 # --------------------------------------------------------------------------------------
+@torch.compiler.assume_constant_result   # a build-time choice: compiled blocks bake it in, no traced import
 @lru_cache(maxsize=1)
 def _flash_attn_func() -> Optional[Callable]:
     try:
@@ -266,8 +267,13 @@ _IMPL = {"sdpa": sdpa_block_attention, "flex": flex_block_attention, "flash": fl
          "merged": merged_attention}
 
 
+@torch.compiler.disable
 def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: MaskSpec,
                     backend: str = "auto") -> torch.Tensor:
-    """Block-causal attention, q/k/v [B, L, H, D] -> [B, Lq, H, D]."""
+    """Block-causal attention, q/k/v [B, L, H, D] -> [B, Lq, H, D].
+
+    Not traced by torch.compile (compiled transformer blocks call it across a graph break): each
+    backend is its own fused kernel (flex compiles itself), and their host-side planning (mask and
+    prefix-plan caches keyed on the layout) belongs outside a graph."""
     name = resolve_backend(backend, q)
     return _IMPL[name](q, k, v, spec)
