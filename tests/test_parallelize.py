@@ -229,7 +229,8 @@ def test_fp8_size_rule_on_the_lite_training_shape() -> None:
     assert linear_rows("bridge.3.v2s.k", rows) == rows["video"] and linear_rows("bridge.3.v2s.q", rows) == 33
     # hand-computed: FFN 9216 x 1536 x 8960 on an H100: 0.770 ms bf16, 0.385 ms FP8 + 0.231 ms casts
     assert fp8_speedup(9216, 1536, 8960, H100) == pytest.approx(0.7696 / (0.3848 + 0.2311), rel=2e-3)
-    assert fp8_speedup(33, 1536, 1536, H100) < 0.05
+    # struct tower q: 33 x 1536 x 1536: 0.472 us of bf16 GEMMs against 0.236 us FP8 + 5.14 us of casts
+    assert fp8_speedup(33, 1536, 1536, H100) == pytest.approx(0.4719 / (0.2359 + 5.137), rel=2e-3)
 
 
 # --------------------------------------------------------------------------------------
