@@ -82,11 +82,12 @@ train() {  # train NAME PHASE ARGS...: one trainer run into $OUT/runs/NAME, data
 
 table() {
     local runs=() r
-    for r in base_p2 new_p2 fp8_p2 base_p4 new_p4 fp8_p4; do
+    for r in base_p2 zero2_p2 new_p2 fp8_p2 base_p4 new_p4 fp8_p4; do
         [[ -d "$OUT/runs/$r" ]] && runs+=(--run "$r=$OUT/runs/$r")
     done
     "$PYTHON" benchmarks/compare_runs.py --skip "$SKIP" "${runs[@]}" \
         --ratio new_p2/base_p2 --ratio new_p4/base_p4 --ratio fp8_p2/new_p2 --ratio fp8_p4/new_p4 \
+        --ratio zero2_p2/base_p2 \
         --json "$OUT/compare.json" 2>&1 | tee -a "$LOG"
 }
 
@@ -108,4 +109,12 @@ part fp8_p2 90 train fp8_p2 2 "${NEW[@]}" "${FP8[@]}";   table
 part base_p4 70 train base_p4 4 "${BASE[@]}";            table
 part new_p4 150 train new_p4 4 "${NEW[@]}";              table
 part fp8_p4 150 train fp8_p4 4 "${NEW[@]}" "${FP8[@]}";  table
+# one change at a time, if the budget allows (BUDGET_S): the baseline with ZeRO-2 only, then the
+# compiled-block and FP8-backend knobs side by side in one process (bench_train_step.py, no DeepSpeed)
+part zero2_p2 70 train zero2_p2 2 "${BASE[@]}" --set parallel.zero_stage=2;  table
+if (( DRY )); then KNOBS=(--cpu-smoke --variants eager,compile); else
+    KNOBS=(--variants eager,compile,compile+fp8=torchao,compile+rowwise,compile+fp8=torch --iters 5 --warmup 1
+           --compile-warmup 1 --max-seconds 20); fi
+part knobs_p2 150 "$PYTHON" benchmarks/bench_train_step.py --phases 2 --no-search "${KNOBS[@]}" \
+    --json "$OUT/knobs_p2.json"
 say "# gpu_16 finished after $(( $(date +%s) - START ))s; figures: $OUT/compare.json, logs: $LOG"
