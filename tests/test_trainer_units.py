@@ -298,8 +298,15 @@ def test_script_defaults_under_a_launcher() -> None:
 # ------------------------------------------------------------------------------ throughput accounting
 @pytest.mark.parametrize("on", [False, True])
 def test_trainer_model_follows_activation_checkpointing(on: bool) -> None:
+    """The trainer's preparation (parallel.parallelize) marks every block, or none, as the config says."""
+    from dualforce_mega.parallel.parallelize import parallelize
+
     cfg = build_config({}, [f"train.activation_checkpointing={str(on).lower()}"])
-    assert build_model(cfg).gradient_checkpointing is on
+    model = build_model(cfg)
+    assert not any(b.activation_checkpointing for _, _, b in model.transformer_blocks())   # not before
+    parallelize(model, cfg, torch.device("cpu"), torch.float32)
+    assert model.gradient_checkpointing is on
+    assert all(b.activation_checkpointing is on for _, _, b in model.transformer_blocks())
 
 
 def test_flops_and_tokens_follow_the_batch_shapes() -> None:
