@@ -13,7 +13,8 @@ A recipe (``run.task`` picks it; DualForce by default) provides
 * ``parallelize(model, cfg, device, dtype, groups)`` -> FP8 state: device, dtype and the rest, before the
                                           optimizer exists;
 * ``objective(cfg, device)``              ``prepare(batch, seeds) -> (inputs, targets)`` and
-                                          ``losses(out, targets) -> (loss, metrics)``; the model is called
+                                          ``loss_terms(out, targets) -> (loss, metrics as device tensors)``;
+                                          the training step (training/step.py) calls the model
                                           as ``model(**inputs, **recipe.model_kwargs(cfg))``;
 * ``feed(cfg, dp_rank, dp_size, accum)``  micro batches (``next(micro)``, ``state_dict``, ``load_state_dict``)
                                           with the same samples per optimizer step whatever the world size;

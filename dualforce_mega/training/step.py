@@ -123,9 +123,8 @@ class MicroResult:
 class TrainStep:
     """forward + loss + backward per micro batch, then the update (see the module docstring).
 
-    ``recipe`` (training/recipe.py; default DualForce) supplies the objective, the model's extra call
-    arguments and the token count. An objective with ``loss_terms`` (metrics as device tensors) is read
-    through it; one with only ``losses`` through that."""
+    ``recipe`` (training/recipe.py; default DualForce) supplies the objective (``prepare`` and
+    ``loss_terms``, metrics as device tensors), the model's extra call arguments and the token count."""
 
     def __init__(self, cfg: Any, model: Any, updater: Updater, device: torch.device, dtype: torch.dtype,
                  fp8: Optional[FP8State] = None, recipe: Any = None):
@@ -134,7 +133,6 @@ class TrainStep:
         self.fp8 = fp8 or FP8State()
         self.recipe = recipe or DualForceRecipe()
         self.objective = self.recipe.objective(cfg, device)
-        self.loss_fn = getattr(self.objective, "loss_terms", None) or self.objective.losses
         self.model_kwargs = self.recipe.model_kwargs(cfg)
         self.last: Optional[MicroResult] = None
 
@@ -146,7 +144,7 @@ class TrainStep:
         inputs = cast_inputs(inputs, self.dtype)
         with fp8_autocast(self.fp8):
             out = self.model(**inputs, **self.model_kwargs)
-        loss, metrics = self.loss_fn(out, targets.to(self.device))
+        loss, metrics = self.objective.loss_terms(out, targets.to(self.device))
         self.updater.backward(loss)
         self.updater.after_micro()
         return MicroResult(metrics, self.recipe.tokens(self.cfg, inputs), inputs)

@@ -50,8 +50,8 @@ class Targets:
 
 
 class FaceFormerObjective:
-    """The training step's objective (``prepare`` / ``losses``): no noise, so the per-sample seeds are
-    unused; the model is called as ``model(**inputs)``."""
+    """The training step's objective (``prepare`` / ``loss_terms``): no noise, so the per-sample seeds are
+    unused; the model is called as ``model(**inputs)``; metrics stay device tensors."""
 
     def __init__(self, cfg: FaceFormerConfig, device: torch.device):
         self.loss = VertexLoss(build_flame(cfg.model), cfg.model.vertex_scale).to(device)
@@ -59,7 +59,7 @@ class FaceFormerObjective:
     def prepare(self, batch: dict[str, Any], seeds: Any = None) -> tuple[dict[str, torch.Tensor], Targets]:
         return {k: batch[k] for k in MODEL_INPUTS}, Targets(batch["motion"], batch["mask"])
 
-    def losses(self, out: torch.Tensor, targets: Targets) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss_terms(self, out: torch.Tensor, targets: Targets) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return self.loss(out, targets.motion, targets.mask)
 
 
