@@ -30,7 +30,8 @@ START=$(date +%s)
 
 say() { echo "$*" | tee -a "$LOG"; }
 
-# part NAME MAX_SECONDS CMD...: run under timeout min(MAX, what is left of the budget), log as it goes
+# part NAME MAX_SECONDS CMD...: run the command (not a shell function) under timeout min(MAX, what is left
+# of the budget), log as it goes
 part() {
     local name=$1 max=$2; shift 2
     local left=$(( BUDGET_S - ($(date +%s) - START) ))
@@ -73,11 +74,13 @@ NEW=(--set parallel.zero_stage=2 --set train.activation_checkpointing=auto --set
      --set data.workers=2 --set "train.steps=$STEPS_NEW")
 FP8=(--set train.fp8=true --set train.fp8_backend=auto --set train.fp8_recipe=current)
 
-train() {  # train NAME PHASE ARGS...: one trainer run into $OUT/runs/NAME, data shared per phase
-    local name=$1 phase=$2; shift 2
+train() {  # train NAME PHASE MAX_SECONDS ARGS...: one trainer run into $OUT/runs/NAME (a part), data shared per phase
+    local name=$1 phase=$2 max=$3; shift 3
     local script=launch/train_dualforce.sh
     [[ "$phase" == 2 ]] && script=launch/pretrain_causal.sh
-    bash "$script" "${COMMON[@]}" --set "run.dir=$OUT/runs/$name" --set "data.synthetic_dir=$OUT/shards_p$phase" "$@"
+    part "$name" "$max" bash "$script" "${COMMON[@]}" --set "run.dir=$OUT/runs/$name" \
+        --set "data.synthetic_dir=$OUT/shards_p$phase" "$@"
+    table
 }
 
 table() {
@@ -103,15 +106,15 @@ for m in ('deepspeed', 'webdataset', 'torchao', 'transformer_engine', 'triton'):
         print(m, 'missing:', type(e).__name__)
 "
 # priority order: Phase 2 baseline / new / FP8, then Phase 4 (its compile has more block variants)
-part base_p2 70 train base_p2 2 "${BASE[@]}";            table
-part new_p2 100 train new_p2 2 "${NEW[@]}";              table
-part fp8_p2 90 train fp8_p2 2 "${NEW[@]}" "${FP8[@]}";   table
-part base_p4 70 train base_p4 4 "${BASE[@]}";            table
-part new_p4 150 train new_p4 4 "${NEW[@]}";              table
-part fp8_p4 150 train fp8_p4 4 "${NEW[@]}" "${FP8[@]}";  table
+train base_p2 2 70 "${BASE[@]}"
+train new_p2 2 100 "${NEW[@]}"
+train fp8_p2 2 90 "${NEW[@]}" "${FP8[@]}"
+train base_p4 4 70 "${BASE[@]}"
+train new_p4 4 150 "${NEW[@]}"
+train fp8_p4 4 150 "${NEW[@]}" "${FP8[@]}"
 # one change at a time, if the budget allows (BUDGET_S): the baseline with ZeRO-2 only, then the
 # compiled-block and FP8-backend knobs side by side in one process (bench_train_step.py, no DeepSpeed)
-part zero2_p2 70 train zero2_p2 2 "${BASE[@]}" --set parallel.zero_stage=2;  table
+train zero2_p2 2 70 "${BASE[@]}" --set parallel.zero_stage=2
 if (( DRY )); then KNOBS=(--cpu-smoke --variants eager,compile); else
     KNOBS=(--variants eager,compile,compile+fp8=torchao,compile+rowwise,compile+fp8=torch --iters 5 --warmup 1
            --compile-warmup 1 --max-seconds 20); fi
