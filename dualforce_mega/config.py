@@ -119,6 +119,7 @@ class TrainConfig:
     save_every: int = 50                  # 0 = no checkpoints at all (benchmark runs)
     keep_last: int = 2
     log_every: int = 1
+    nonfinite_limit: int = 10             # consecutive non-finite steps (skipped) that stop the run (0 = never)
     precision: str = "auto"               # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
     # per-block activation checkpointing: on | off | auto (the planner turns it on, for as few layers as
     # needed, only when the step would not fit the device's memory; off on CPU). YAML true/false work too.
@@ -144,7 +145,9 @@ class RunConfig:
     task: str = "dualforce"               # what the trainer trains: dualforce | faceformer (TASK_CONFIGS)
     tensorboard: bool = True
     log_samples: bool = False             # also log each step's global sample indices (debug / tests)
-    # operations (docs/TRAINING.md "Exit codes")
+    # operations (docs/TRAINING.md "Preemption, hangs and exit codes")
+    preempt_signals: str = "SIGTERM,SIGUSR1"  # on any rank or the launcher: finish the step, save, exit 75
+    hang_timeout_s: float = 600.0         # step watchdog: a rank without progress this long ends the job (0 = off)
     collective_timeout_s: float = 1800.0  # timeout of every collective of the process group
 
 
@@ -477,7 +480,13 @@ def validate(cfg: Config) -> None:
 
 
 def validate_run(r: RunConfig) -> None:
-    """The operational ``run`` keys (timeouts) every task's trainer reads."""
+    """The operational ``run`` keys (signals, timeouts) every task's trainer reads."""
+    import signal
+
+    for name in filter(None, (s.strip() for s in r.preempt_signals.split(","))):
+        _require(name in ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP") and hasattr(signal, name),
+                 "run.preempt_signals", f"{name!r} is not one of SIGTERM, SIGUSR1, SIGUSR2, SIGINT, SIGHUP")
+    _require(r.hang_timeout_s >= 0, "run.hang_timeout_s", "must be >= 0 (0 = no step watchdog)")
     _require(r.collective_timeout_s > 0, "run.collective_timeout_s", "must be positive")
 
 
@@ -494,7 +503,7 @@ def validate_train(t: TrainConfig) -> None:
     _require(t.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
     _require(t.save_every >= 0, "train.save_every", "must be >= 0 (0 = never save: benchmarks)")
     _require(t.keep_last >= 1, "train.keep_last", "must be >= 1")
-
+    _require(t.nonfinite_limit >= 0, "train.nonfinite_limit", "must be >= 0 (0 = never stop)")
     _require(t.precision in ("auto", "fp32", "bf16"), "train.precision",
              f"{t.precision!r} is not one of auto, fp32, bf16")
     _require(t.fp8_recipe in ("delayed", "current", "rowwise"), "train.fp8_recipe",

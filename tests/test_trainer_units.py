@@ -2,6 +2,7 @@
 world-size independent global batches, checkpoint atomicity, the launch scripts' two faces."""
 from __future__ import annotations
 
+import errno
 import math
 import os
 import subprocess
@@ -226,7 +227,7 @@ class _FakeEngine:
         path.mkdir(parents=True, exist_ok=True)
         torch.save(client_state, path / "mp_rank_00_model_states.pt")
         if tag == self.fail_at_tag:
-            raise RuntimeError("disk died mid-save")
+            raise OSError(errno.EIO, "disk died mid-save")
 
     def load_checkpoint(self, load_dir, tag, load_optimizer_states, load_lr_scheduler_states):
         path = Path(load_dir) / tag
@@ -246,7 +247,7 @@ def test_checkpoint_publish_prune_and_crash(tmp_path: Path) -> None:
     assert mgr.tags() == [tag_for(10), tag_for(15)]
     assert (root / "latest").read_text() == tag_for(15)
 
-    with pytest.raises(CheckpointWriteError, match="step 20 .* failed: disk died mid-save"):
+    with pytest.raises(CheckpointWriteError, match="step 20 .* failed: .*disk died mid-save"):
         mgr.save(_FakeEngine(fail_at_tag=f"{TMP_PREFIX}{tag_for(20)}"), 20, {}, rank_state(20))
     assert (root / f"{TMP_PREFIX}{tag_for(20)}").is_dir()
     assert (root / "latest").read_text() == tag_for(15)

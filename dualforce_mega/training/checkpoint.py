@@ -109,7 +109,9 @@ class CheckpointManager:
             rank_file = self._rank_file(tmp_dir, self.rank)
             torch.save(rank_state, rank_file.with_suffix(".partial"))
             os.replace(rank_file.with_suffix(".partial"), rank_file)
-        except (OSError, RuntimeError) as e:   # torch's writer reports a full disk as a RuntimeError
+        except (OSError, RuntimeError) as e:
+            if not is_write_error(e):     # e.g. a collective inside DeepSpeed's save timed out
+                raise
             raise CheckpointWriteError(self.write_error(tmp_dir, step, e)) from e
         self._maybe_inject_fault(step)
         _barrier()                        # every rank's shards are on disk before the tag is published
@@ -257,6 +259,15 @@ class CheckpointManager:
         rank_state = merge_rank_states([torch.load(f, weights_only=True) for f in rank_files], self.rank)
         log.info("resumed from %s (step %d)", tag_dir, client_state["step"])
         return Resumed(step=int(client_state["step"]), tag=tag, client_state=client_state, rank_state=rank_state)
+
+
+# how torch's C++ writer reports a failed write (a full disk among them): it raises RuntimeError, not OSError
+_TORCH_WRITE_FAILURES = ("PytorchStreamWriter", "inline_container", "basic_ios", "iostream", "file write failed",
+                         "unexpected pos")
+
+
+def is_write_error(e: BaseException) -> bool:
+    return isinstance(e, OSError) or any(marker in str(e) for marker in _TORCH_WRITE_FAILURES)
 
 
 class SafeCheckpointEngine:

@@ -35,6 +35,14 @@ class GlobalBatchFeed:
         """The micro batch for accumulation step ``micro`` of the current optimizer step."""
         return next(self.iters[micro])
 
+    def stats(self) -> dict[str, int]:
+        """Skip counters (corrupt / non-finite / short samples, corrupt shards...) summed over this rank's streams."""
+        total: dict[str, int] = {}
+        for loader in self.loaders:
+            for k, v in loader.stats.items():
+                total[k] = total.get(k, 0) + v
+        return total
+
     def state_dict(self) -> dict[str, Any]:
         return {"streams": list(self.streams), "loaders": [loader.state_dict() for loader in self.loaders]}
 

@@ -22,11 +22,13 @@ class TrainingStop(Exception):
 
     exit_code = FAILED
     collective = False
+    error = True          # logged as an error (a preemption is only a warning)
 
 
 class Preempted(TrainingStop):
     exit_code = PREEMPTED
     collective = True
+    error = False
 
 
 class NonFiniteLimit(TrainingStop):

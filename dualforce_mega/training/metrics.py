@@ -113,7 +113,7 @@ class MetricsWriter:
                     self.tb.add_scalar(key, value, record["step"])
             self.tb.flush()
         log.info("step %d/%d  loss %.4f  lr %.3e  grad_norm %s  %.0f tok/s  %.3fs/step  mem %.0f MB",
-                 record["step"], total_steps, record["loss"], record["lr"],
+                 record["step"], total_steps, record.get("loss", float("nan")), record["lr"],
                  _fmt(record.get("grad_norm")), record["tokens_per_s"], record["step_time_s"],
                  record["memory_mb"])
 

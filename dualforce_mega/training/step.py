@@ -15,7 +15,7 @@ same noise whoever computes it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional, Protocol
+from typing import Any, Callable, Iterable, Optional, Protocol
 
 import torch
 import torch.nn as nn
@@ -127,13 +127,17 @@ class TrainStep:
     ``loss_terms``, metrics as device tensors), the model's extra call arguments and the token count."""
 
     def __init__(self, cfg: Any, model: Any, updater: Updater, device: torch.device, dtype: torch.dtype,
-                 fp8: Optional[FP8State] = None, recipe: Any = None):
+                 fp8: Optional[FP8State] = None, recipe: Any = None,
+                 loss_hook: Optional[Callable[[torch.Tensor, dict[str, Any]], torch.Tensor]] = None):
+        """``loss_hook(loss, batch)``: the loss to backpropagate (training/nonfinite.py poisons a non-finite
+        one, so that the optimizer skips the step on every rank)."""
         self.cfg, self.model, self.updater = cfg, model, updater
         self.device, self.dtype = device, dtype
         self.fp8 = fp8 or FP8State()
         self.recipe = recipe or DualForceRecipe()
         self.objective = self.recipe.objective(cfg, device)
         self.model_kwargs = self.recipe.model_kwargs(cfg)
+        self.loss_hook = loss_hook
         self.last: Optional[MicroResult] = None
 
     def micro(self, batch: dict[str, Any], step: int) -> MicroResult:
@@ -145,6 +149,8 @@ class TrainStep:
         with fp8_autocast(self.fp8):
             out = self.model(**inputs, **self.model_kwargs)
         loss, metrics = self.objective.loss_terms(out, targets.to(self.device))
+        if self.loss_hook is not None:
+            loss = self.loss_hook(loss, batch)
         self.updater.backward(loss)
         self.updater.after_micro()
         return MicroResult(metrics, self.recipe.tokens(self.cfg, inputs), inputs)

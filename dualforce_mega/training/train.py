@@ -22,7 +22,9 @@ from typing import Optional
 from ..cli import USER_ERRORS, debug_requested, error_line, strip_debug
 from ..config import ConfigError, add_config_arguments, save_config
 from . import exit_codes
+from .preemption import StopSignals
 from .preflight import finished, preflight
+from .watchdog import diagnose
 
 log = logging.getLogger("dualforce_mega.training")
 
@@ -82,10 +84,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     if done:               # before any process group exists: nothing to tear down
         log.info("%s", done)
         return exit_codes.OK
+    signals = StopSignals(cfg.run.preempt_signals)   # from here on a preemption signal is a clean stop
     try:
-        return _train(cfg, rank, world, local_rank)
+        return _train(cfg, rank, world, local_rank, signals)
     except exit_codes.TrainingStop as e:
-        log.error("%s", e)
+        log.log(logging.ERROR if e.error else logging.WARNING, "%s", e)
         return e.exit_code
     except USER_ERRORS as e:
         if debug_requested(raw):
@@ -94,12 +97,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         return exit_codes.USER_ERROR
 
 
-def _train(cfg, rank: int, world: int, local_rank: int) -> int:
+def _train(cfg, rank: int, world: int, local_rank: int, signals: StopSignals) -> int:
     import deepspeed
     import torch
 
     from ..parallel.groups import init_groups
     from .recipe import recipe_for
+    from .supervision import Supervisor
     from .trainer import Trainer
 
     if torch.cuda.is_available():
@@ -119,16 +123,28 @@ def _train(cfg, rank: int, world: int, local_rank: int) -> int:
     setup_logging(rank, run_dir)
     recipe = recipe_for(cfg)
     cfg = recipe.prepare(cfg, rank)      # data located / read; the resolved config is the run's config.yaml
-    if rank == 0:
-        save_config(cfg, run_dir / "config.yaml")
-    trainer = Trainer(cfg, groups, device, rank, world, recipe)
+    supervisor = Supervisor(cfg, rank, world, signals)
+    trainer = Trainer(cfg, groups, device, rank, world, recipe, supervisor)
+
+    def write_config() -> None:     # only once the checkpoint (if any) loaded into this model
+        if rank == 0:
+            save_config(cfg, run_dir / "config.yaml")
+
     try:
-        trainer.fit()
+        trainer.fit(on_resumed=write_config)
     except exit_codes.TrainingStop as e:
         if e.collective:           # every rank stopped at the same point: leave the group cleanly
             torch.distributed.barrier()
             torch.distributed.destroy_process_group()
         raise
+    except RuntimeError as e:      # gloo / NCCL report a collective timeout as a RuntimeError
+        if "timed out" not in str(e).lower():
+            raise
+        raise exit_codes.HangDetected(
+            f"a collective timed out (run.collective_timeout_s={cfg.run.collective_timeout_s:g}): "
+            f"{diagnose(supervisor.watchdog.dir, world, rank, supervisor.watchdog.period_s)}") from e
+    finally:
+        supervisor.close()
     torch.distributed.barrier()
     log.info("training finished: %s", run_dir)
     torch.distributed.destroy_process_group()

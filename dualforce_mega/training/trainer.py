@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import deepspeed
 import torch
@@ -25,6 +25,7 @@ from .recipe import recipe_for
 from .rng import capture_rng, restore_rng
 from .schedule import build_lr_scheduler
 from .step import DeepSpeedUpdater, TrainStep, sample_training_flops, tokens_in  # noqa: F401 (this module's API)
+from .supervision import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +42,13 @@ def build_model(cfg: Config) -> DualForceModel:
 class Trainer:
     """``recipe`` (default: the one of ``run.task``, DualForce unless configured) supplies the model, the
     objective, the data and any per-step work (training/recipe.py); the engine, batch layout, training
-    step (training/step.py), checkpoints and metrics are the same for every task."""
+    step (training/step.py), checkpoints and metrics are the same for every task. ``supervisor``
+    (training/supervision.py): preemption, non-finite steps, the step watchdog."""
 
     def __init__(self, cfg: Any, groups: Groups, device: torch.device, rank: int, world_size: int,
-                 recipe: Any = None):
+                 recipe: Any = None, supervisor: Optional[Supervisor] = None):
         self.cfg, self.groups, self.device = cfg, groups, device
+        self.sup = supervisor
         self.rank, self.world_size = rank, world_size
         self.recipe = recipe or recipe_for(cfg)
         self.run_dir = Path(cfg.run.dir)
@@ -62,8 +65,10 @@ class Trainer:
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=build_optimizer(model, cfg.train, device), config=ds_config,
             lr_scheduler=lambda opt: build_lr_scheduler(opt, cfg.train), dist_init_required=False)
+        if self.sup is not None:   # DeepSpeed skips updates with a non-finite gradient norm (ZeRO >= 1, bf16)
+            self.sup.attach(self.engine.zero_optimization_stage() >= 1 or self.engine.bfloat16_enabled(), 0)
         self.step = TrainStep(cfg, self.engine, DeepSpeedUpdater(self.engine), device, self.dtype, self.fp8,
-                              self.recipe)
+                              self.recipe, loss_hook=self.sup.loss_hook if self.sup is not None else None)
         self.objective = self.step.objective
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.train.keep_last, rank, world_size)
         self.data = self.recipe.feed(cfg, groups.dp_rank, groups.dp_size, self.accum)
@@ -89,12 +94,19 @@ class Trainer:
             return 0
         self.data.load_state_dict(resumed.rank_state["data"])
         restore_rng(resumed.rank_state["rng"])
+        if self.sup is not None and self.sup.guard is not None:
+            self.sup.guard.total = int(resumed.client_state.get("nonfinite_steps", 0))
         log.info("resuming %s at step %d", self.run_dir, resumed.step)
         return resumed.step
 
     def _save(self, step: int) -> None:
         rank_state = {"data": self.data.state_dict(), "rng": capture_rng()}
-        self.checkpoints.save(self.engine, step, client_state={}, rank_state=rank_state)
+        client_state = {}
+        if self.sup is not None:
+            self.sup.saving(step)
+            if self.sup.guard is not None:
+                client_state["nonfinite_steps"] = self.sup.guard.total
+        self.checkpoints.save(self.engine, step, client_state=client_state, rank_state=rank_state)
 
     # ------------------------------------------------------------------ loop
     def _micro_batches(self, clock: StepClock) -> Iterator[dict[str, Any]]:
@@ -104,9 +116,12 @@ class Trainer:
                 batch = self.data.next(micro)
             yield batch
 
-    def fit(self) -> None:
+    def fit(self, on_resumed: Optional[Callable[[], None]] = None) -> None:
+        """``on_resumed``: called once the checkpoint (if any) loaded, before the first step."""
         cfg = self.cfg
         start = self._resume()
+        if on_resumed is not None:
+            on_resumed()
         writer = MetricsWriter(self.run_dir, cfg.run.tensorboard, start, cfg.run.log_samples) \
             if self.rank == 0 else None
         if start >= cfg.train.steps:
@@ -116,19 +131,26 @@ class Trainer:
         # ranks of one sequence-parallel group share a sample: count its data once
         owner = self.groups.sp_rank == 0
         for step in range(start, cfg.train.steps):
+            if self.sup is not None:
+                self.sup.step_begins(step)
             lr = self.scheduler.get_last_lr()[0]
             acc = MetricAccumulator()
             self.step(self._micro_batches(clock), step, acc, count=owner)
             clock.tick()
             if self.flops_per_sample is None and self.step.last is not None:
                 self.flops_per_sample = self.recipe.flops_per_sample(cfg, self.step.last.inputs)
+            if self.sup is not None:     # counts a step the optimizer skipped (non-finite loss / gradients)
+                self.sup.step_ends(step, self.engine.was_step_applied())
             done = step + 1
             extra = self.recipe.after_step(cfg, done, self.engine, self.objective, self.device, self.dtype,
                                            self.rank, self.world_size)
             if done % cfg.train.log_every == 0 or done == cfg.train.steps or extra:
                 self._log(writer, done, lr, clock.read(), acc, extra)   # the only device reads of the loop
-            if cfg.train.save_every and (done % cfg.train.save_every == 0 or done == cfg.train.steps):
+            saved = bool(cfg.train.save_every) and (done % cfg.train.save_every == 0 or done == cfg.train.steps)
+            if saved:
                 self._save(done)
+            if self.sup is not None:     # non-finite limit, preemption (with a checkpoint of this step)
+                self.sup.after_step(done, cfg.train.steps, saved, self._save, self.device)
         if writer is not None:
             writer.close()
 
@@ -136,6 +158,10 @@ class Trainer:
              acc: MetricAccumulator, extra: Optional[dict[str, float]] = None) -> None:
         reduced = acc.reduce()     # collective: every rank takes part
         grad_norm = self.engine.get_global_grad_norm()
+        supervision = {}
+        if self.sup is not None:   # collective; a feed without skip counters (another task's) reports none
+            stats = self.data.stats() if hasattr(self.data, "stats") else {}
+            supervision = self.sup.metrics(stats, self.groups.sp_rank == 0)
         if writer is None:
             return
         step_time = timing["step_time_s"]
@@ -162,4 +188,5 @@ class Trainer:
                 record[key] = value
         record.update(self.gpu.read())
         record.update(extra or {})
+        record.update(supervision)
         writer.write(record, self.cfg.train.steps)
