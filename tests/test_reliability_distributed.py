@@ -10,8 +10,8 @@ Launches shared by the tests (start-up dominates their cost):
              every step
   grow       shrink's run directory as of step 7, with the step-7 checkpoint truncated (a node died
              writing it): named, set aside, and shrink's step 6 (1 rank) resumed on 2 ranks (elastic 1 -> 2)
-Batches and noise do not depend on the world size, so every run must reproduce the straight run's losses.
-Then: a stopped rank (SIGSTOP) ends the job within the watchdog timeout with a message naming it; NaN /
+Batches and noise do not depend on the world size, so every run must reproduce the straight run's losses
+(also a resume with parallel.sp=2 instead of 1). Then: a stopped rank (SIGSTOP) ends the job within the watchdog timeout with a message naming it; NaN /
 Inf samples are skipped and counted; a run of non-finite steps stops with exit code 3.
 """
 from __future__ import annotations
@@ -222,6 +222,16 @@ def test_damaged_checkpoint_falls_back_and_resume_on_more_ranks_is_exact(straigh
     assert (run_dir / "checkpoints" / f"{BROKEN_PREFIX}{tag_for(LAST_GOOD + 1)}").is_dir()
     assert "written by 1 ranks, this run has 2: resharding it" in log
     _same_losses(_records(run_dir), _records(straight), range(LAST_GOOD + 1, STEPS + 1))
+
+
+def test_resume_with_another_sequence_parallel_degree_is_exact(straight: Path, shards: str, tmp_path: Path) -> None:
+    """Same world, parallel.sp 1 -> 2: the data-parallel size halves, so every rank now owns other logical
+    streams; their positions come from the merged rank states."""
+    run_dir = _resume_copy(straight, tmp_path / "run", SAVE_EVERY)
+    out = _launch(run_dir, "--set", "parallel.sp=2", shards=shards)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    assert "dp=1 sp=2" in out.stdout + out.stderr
+    _same_losses(_records(run_dir), _records(straight), range(SAVE_EVERY + 1, STEPS + 1))
 
 
 class _Payload:
