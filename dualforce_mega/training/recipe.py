@@ -72,7 +72,8 @@ class DualForceRecipe:
 
     def feed(self, cfg: Config, dp_rank: int, dp_size: int, accum: int) -> Any:
         from .data_feed import GlobalBatchFeed
-        return GlobalBatchFeed(cfg, dp_rank, dp_size, accum)
+        # batches are read one ahead in a thread; pinned when they go to a GPU (asynchronous copies)
+        return GlobalBatchFeed(cfg, dp_rank, dp_size, accum, pin_memory=torch.cuda.is_available())
 
     def tokens(self, cfg: Config, inputs: dict[str, torch.Tensor]) -> int:
         from .step import tokens_in
