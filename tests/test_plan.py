@@ -104,7 +104,7 @@ def test_checkpointing_and_sp_reduce_activations() -> None:
 
 def test_cli_json_and_suggestion(capsys) -> None:
     assert main(["--preset", "lite", "--frames", "512", "--resolution", "512", "--gpus", "8", "--sp", "1",
-                 "--gpu-mem-gib", "40", "--json"]) == 0
+                 "--gpu-mem-gib", "32", "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
     mem = r["memory_gib"]
     assert set(mem) >= {"params", "grads", "optimizer", "activations", "total"}
@@ -116,7 +116,7 @@ def test_cli_json_and_suggestion(capsys) -> None:
     assert fl["training"] == pytest.approx(3 * (fl["linear_forward"] + fl["attention_forward"]))
     assert not r["fits"] and r["suggestion"]["sp"] > 1
     fix = plan(PlanInput(preset="lite", frames=512, resolution=512, sp=r["suggestion"]["sp"],
-                         checkpointing=r["suggestion"]["checkpointing"], gpu_mem_gib=40))
+                         checkpointing=r["suggestion"]["checkpointing"], gpu_mem_gib=32))
     assert fix["fits"]
 
 
