@@ -213,6 +213,7 @@ def test_prefetch_hands_out_the_same_batches_and_exact_states(synthetic_cfg) -> 
             assert a["__key__"] == p["__key__"] and torch.equal(a["video_latent"], p["video_latent"])
         assert ahead._ahead is not None and ahead._ahead[0] == 0      # next step's first batch is being read
         assert ahead.state_dict() == plain.state_dict()
+        assert ahead.stats() == plain.stats()          # skip / delivery counters as of the batches handed out
     resumed = GlobalBatchFeed(synthetic_cfg, 0, 1, accum)
     resumed.load_state_dict(ahead.state_dict())
     assert [resumed.next(m)["__key__"] for m in range(accum)] == [plain.next(m)["__key__"] for m in range(accum)]

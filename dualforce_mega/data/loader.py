@@ -132,12 +132,17 @@ class ShardLoader:
     @property
     def stats(self) -> dict[str, int]:
         """Skip counters summed over this rank's streams, as of the last delivered batch."""
+        return self.stats_of(self.state_dict())
+
+    @staticmethod
+    def stats_of(state: dict[str, Any]) -> dict[str, int]:
+        """``stats`` of the loader position ``state`` (a ``state_dict()``)."""
         total: dict[str, int] = {}
-        for st in self._states:
-            for k, v in st.counters.items():
+        for st in state["streams"]:
+            for k, v in st["counters"].items():
                 total[k] = total.get(k, 0) + v
-        total["delivered_batches"] = self._delivered_batches
-        total["delivered_samples"] = self._delivered_samples
+        total["delivered_batches"] = state["delivered_batches"]
+        total["delivered_samples"] = state["delivered_samples"]
         return total
 
     def _layout(self) -> dict[str, Any]:

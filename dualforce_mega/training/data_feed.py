@@ -77,8 +77,10 @@ class GlobalBatchFeed:
     def stats(self) -> dict[str, int]:
         """Skip counters (corrupt / non-finite / short samples, corrupt shards...) summed over this rank's streams."""
         total: dict[str, int] = {}
-        for loader in self.loaders:
-            for k, v in loader.stats.items():
+        ahead = {self._ahead[0]: self._ahead[2]} if self._ahead is not None else {}
+        for i, loader in enumerate(self.loaders):   # a stream read ahead: as of the batch handed out
+            stats = loader.stats_of(ahead[i]) if i in ahead else loader.stats
+            for k, v in stats.items():
                 total[k] = total.get(k, 0) + v
         return total
 
