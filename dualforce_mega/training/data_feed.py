@@ -74,6 +74,19 @@ class GlobalBatchFeed:
         self.loaders[micro].load_state_dict(state)
         self.iters[micro] = iter(self.loaders[micro])
 
+    def close(self) -> None:
+        """Finish a read ahead and stop the loader worker processes now (not at interpreter exit, where
+        a worker torn down mid-read exits with an error). A failed read ahead is dropped unraised: it was
+        never handed out, and close runs while another error may be on its way out."""
+        if self._ahead is not None:
+            self._ahead[1].exception()
+            self._ahead = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        for loader in self.loaders:
+            loader.close()
+
     def stats(self) -> dict[str, int]:
         """Skip counters (corrupt / non-finite / short samples, corrupt shards...) summed over this rank's streams."""
         total: dict[str, int] = {}

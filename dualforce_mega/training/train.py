@@ -144,6 +144,7 @@ def _train(cfg, rank: int, world: int, local_rank: int, signals: StopSignals) ->
             f"a collective timed out (run.collective_timeout_s={cfg.run.collective_timeout_s:g}): "
             f"{diagnose(supervisor.watchdog.dir, world, rank, supervisor.watchdog.period_s)}") from e
     finally:
+        trainer.data.close()       # loader workers stop before the process group goes away
         supervisor.close()
     torch.distributed.barrier()
     log.info("training finished: %s", run_dir)

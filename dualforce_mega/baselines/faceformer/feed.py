@@ -59,6 +59,9 @@ class EpochFeed:
         ids = self.indices(step, micro)
         return collate([load_sample(self.clips[self.clip_of(g)], self.subjects) for g in ids], ids)
 
+    def close(self) -> None:
+        """Nothing to release (samples are read in the training process)."""
+
     def state_dict(self) -> dict[str, Any]:
         """Each owned logical stream's position: the optimizer steps it has served (the trainer's layout,
         so a checkpoint of another world size can be merged and resumed, ``training/elastic.py``)."""
