@@ -66,6 +66,20 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, path: Path) -> bool:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def _grid_legend(ax, xlabel: str, ylabel: str) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
 def _title(text: str, random: Optional[str]) -> str:
     return f"{text}\n[{PLOT_BANNER}]" if random else text
 
@@ -85,15 +99,9 @@ def plot_identity_drift(rows: Sequence[dict], path: Path, random: Optional[str])
             y = [math.nan if v is None else v for v in r["curves"]["csim"]]
             ax.plot(range(len(y)), y, label=_label({**r, "length": None}) or "generated")
         ax.set_title(f"{length} frames" if length else "all videos")
-        ax.set_xlabel("frame index")
-        ax.set_ylabel("CSIM to the reference")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _grid_legend(ax, "frame index", "CSIM to the reference")
     fig.suptitle(_title("Identity drift", random), fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
+    return _save(plt, fig, path)
 
 
 def plot_sync_over_time(rows: Sequence[dict], path: Path, random: Optional[str]) -> bool:
@@ -105,15 +113,9 @@ def plot_sync_over_time(rows: Sequence[dict], path: Path, random: Optional[str])
     for r in rows:
         y = [math.nan if v is None else v for v in r["curves"]["sync_conf"]]
         ax.plot([i / FPS for i in range(len(y))], y, label=_label(r) or "generated")
-    ax.set_xlabel("window start (s)")
-    ax.set_ylabel("Sync confidence per window")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    _grid_legend(ax, "window start (s)", "Sync confidence per window")
     ax.set_title(_title("Sync over time", random), fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
+    return _save(plt, fig, path)
 
 
 def plot_comparison(rows: Sequence[dict], columns: Sequence[str], path: Path, random: Optional[str]) -> bool:
@@ -136,10 +138,7 @@ def plot_comparison(rows: Sequence[dict], columns: Sequence[str], path: Path, ra
         ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle(_title("Comparison", random), fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
+    return _save(plt, fig, path)
 
 
 def tensorboard(rows: Sequence[dict], columns: Sequence[str], log_dir: Path) -> None:
