@@ -30,7 +30,7 @@ from dualforce_mega.config import Config, build_config
 from dualforce_mega.data.loader import build_loader
 from dualforce_mega.data.schema import ShardSchema, to_storage
 from dualforce_mega.data.synthetic import make_synthetic_clip
-from dualforce_mega.data.windowing import slice_window, window_start
+from dualforce_mega.data.windowing import slice_window, window_start, window_starts
 
 log = logging.getLogger("bench_loader")
 METADATA_NAME = "metadata.json"
@@ -66,7 +66,7 @@ class PerClipDataset(Dataset):
         key = self.keys[i]
         tensors = load_file(str(self.root / f"{key}.safetensors"))
         frames = tensors["video_latent"].shape[1]
-        t0 = window_start(self.seed, 0, key, frames, self.window)
+        t0 = window_start(self.seed, 0, key, window_starts(frames, self.window, tensors.get("ref_positions")))
         return slice_window(tensors, t0, self.window, self.schema, self.keep_text)
 
 

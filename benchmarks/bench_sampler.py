@@ -18,7 +18,7 @@ import torch
 from dualforce_mega.config import DiffusionConfig, model_preset
 from dualforce_mega.diffusion.sampler import ARSampler, SampleInputs
 from dualforce_mega.models.dualforce import DualForceModel
-from dualforce_mega.models.layout import num_video_frames
+from dualforce_mega.timeline import Timeline
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -70,16 +70,16 @@ def main(argv: Optional[list[str]] = None) -> None:
           f"chunk_blocks={args.chunk_blocks} window_blocks={args.window_blocks} ar_step={args.ar_step}")
     # warm-up (kernel selection, allocator) on a short clip, both paths
     warm = SampleInputs(torch.randn(1, mcfg.in_channels, h, w), 3, [0],
-                        audio=torch.randn(1, 2 * num_video_frames(3, mcfg.vae_temporal_stride), mcfg.audio_dim))
+                        audio=torch.randn(1, Timeline.of(mcfg).audio_frames(3), mcfg.audio_dim))
     for cache in (True, False):
         time_generation(model, cfg, warm, cache, device)
 
     print(f"{'latent':>6} {'video':>6} | {'cache fps':>10} {'calls':>6} {'KV MiB':>7} | "
           f"{'recompute fps':>13} {'calls':>6} | ratio")
     for length in args.lengths:
-        frames = num_video_frames(length, mcfg.vae_temporal_stride)
+        frames = Timeline.of(mcfg).video_frames(length)
         inputs = SampleInputs(torch.randn(1, mcfg.in_channels, h, w), length, [0],
-                              audio=torch.randn(1, 2 * frames, mcfg.audio_dim))
+                              audio=torch.randn(1, Timeline.of(mcfg).audio_frames(length), mcfg.audio_dim))
         t_c, calls_c, kv_bytes = time_generation(model, cfg, inputs, True, device)
         t_r, calls_r, _ = time_generation(model, cfg, inputs, False, device)
         print(f"{length:>6} {frames:>6} | {frames / t_c:>10.1f} {calls_c:>6} {kv_bytes / 2**20:>7.2f} | "

@@ -27,7 +27,7 @@ from common import bench_device, device_name, dump_json, fmt, markdown_table  # 
 from dualforce_mega.config import DiffusionConfig, model_preset
 from dualforce_mega.diffusion.sampler import ARSampler, SampleInputs
 from dualforce_mega.models.dualforce import DualForceModel
-from dualforce_mega.models.layout import num_video_frames
+from dualforce_mega.timeline import Timeline
 
 log = logging.getLogger("bench_stream")
 
@@ -54,7 +54,7 @@ def sample_inputs(model: DualForceModel, num_latent: int, hw: tuple[int, int], d
                   seed: int = 0) -> SampleInputs:
     cfg = model.cfg
     g = torch.Generator().manual_seed(seed)
-    n_video = num_video_frames(num_latent, cfg.vae_temporal_stride)
+    n_video = Timeline(stride=cfg.vae_temporal_stride).video_frames(num_latent)
     return SampleInputs(reference=torch.randn(1, cfg.in_channels, *hw, generator=g), num_latent=num_latent,
                         seeds=[seed],
                         audio=torch.randn(1, n_video * cfg.audio_rate // cfg.fps, cfg.audio_dim, generator=g),
@@ -72,7 +72,7 @@ def time_generation(sampler: ARSampler, inputs: SampleInputs, device: torch.devi
             first = time.perf_counter() - start
     _sync(device)
     seconds = time.perf_counter() - start
-    frames = num_video_frames(inputs.num_latent, sampler.model.cfg.vae_temporal_stride)
+    frames = Timeline(stride=sampler.model.cfg.vae_temporal_stride).video_frames(inputs.num_latent)
     stats = sampler.stats
     return Row("", inputs.num_latent, frames, seconds, frames / seconds, 1e3 * seconds / max(stats.model_calls, 1),
                first, max(stats.history_bytes) / 2 ** 20), chunk.video
@@ -138,7 +138,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                 diff = float((last[name].float() - last["cached"].float()).abs().max())
                 row.note += f", last chunk vs cached: max abs diff {diff:.1e}"
         except RuntimeError as err:  # keep the table going (OOM, a capture failure)
-            row = Row(name, length, num_video_frames(length, model.cfg.vae_temporal_stride),
+            row = Row(name, length, Timeline(stride=model.cfg.vae_temporal_stride).video_frames(length),
                       note=f"failed: {type(err).__name__}: {str(err).splitlines()[0][:100]}")
         rows.append(row)
         print(f"# {name}: {fmt(row.fps)} video frames/s, {fmt(row.ms_per_call)} ms/call, first frame "

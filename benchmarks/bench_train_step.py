@@ -35,7 +35,7 @@ from common import (allow_recompiles, bench_device, csv_list, device_name, dump_
 from dualforce_mega.config import Config, model_preset, validate
 from dualforce_mega.models import DualForceModel
 from dualforce_mega.models.fp8 import FP8_BACKENDS
-from dualforce_mega.models.layout import num_video_frames
+from dualforce_mega.timeline import Timeline
 from dualforce_mega.parallel.deepspeed_config import build_optimizer
 from dualforce_mega.parallel.parallelize import TrainShape, parallelize
 from dualforce_mega.training.monitor import datasheet_peak_flops, measure_peak_flops
@@ -126,7 +126,7 @@ def random_batch(cfg: Config, batch: int, frames: int, hw: int, text_tokens: int
     """A batch in the loader's schema (docs/INTERFACES.md) with random contents (host-side ``__index__``)."""
     m = cfg.model
     gen = torch.Generator().manual_seed(frames)
-    n = num_video_frames(frames, m.vae_temporal_stride)
+    n = Timeline(stride=m.vae_temporal_stride).video_frames(frames)
     out = {"video_latent": torch.randn(batch, m.in_channels, frames, hw, hw, generator=gen),
            "struct": torch.randn(batch, n, m.motion_dim, generator=gen),
            "kp_canonical": torch.randn(batch, m.kp_dim, generator=gen),
@@ -176,7 +176,7 @@ def bench_step(args: argparse.Namespace, phase: int, variant: Variant, device: t
     frames = args.frames
     cfg = phase_config(args, phase, variant, frames)
     lv = frames * (args.latent // cfg.model.patch_size[1]) * (args.latent // cfg.model.patch_size[2])
-    n = num_video_frames(frames, cfg.model.vae_temporal_stride) if cfg.model.struct_tower else 0
+    n = Timeline(stride=cfg.model.vae_temporal_stride).video_frames(frames) if cfg.model.struct_tower else 0
     row = StepRow(phase, variant.label, frames, args.batch * (lv + n))
     stepper: Optional[Stepper] = None
     try:

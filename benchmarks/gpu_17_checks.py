@@ -27,7 +27,7 @@ from common import csv_list, dump_json  # noqa: I100
 from dualforce_mega.config import DiffusionConfig, model_preset
 from dualforce_mega.diffusion.sampler import ARSampler, SampleInputs
 from dualforce_mega.models.dualforce import DualForceModel
-from dualforce_mega.models.layout import num_video_frames
+from dualforce_mega.timeline import Timeline
 from dualforce_mega.models.merged_attention import KERNELS, _check_kernel, candidate_kernels, choose_kernel
 from gpu_checks import SLACK, Check, Setup, attention_check
 
@@ -88,7 +88,7 @@ def model_check(setup: Setup, preset: str, frames: int, hw: int) -> None:
     low_model.load_state_dict(ref_model.state_dict())
     cfg = ref_model.cfg
     g = torch.Generator().manual_seed(1)
-    n = num_video_frames(frames, cfg.vae_temporal_stride)
+    n = Timeline(stride=cfg.vae_temporal_stride).video_frames(frames)
     inputs = dict(video_latent=torch.randn(1, cfg.in_channels, frames, hw, hw, generator=g),
                   sigma_video=torch.rand(1, frames, generator=g), struct=torch.randn(1, n, cfg.motion_dim, generator=g),
                   audio=torch.randn(1, n * cfg.audio_rate // cfg.fps, cfg.audio_dim, generator=g))
@@ -114,7 +114,7 @@ def static_check(setup: Setup) -> None:
     cfg = DiffusionConfig(sample_steps=2, window_blocks=2)
     g = torch.Generator().manual_seed(2)
     n_latent = 8
-    n = num_video_frames(n_latent, model.cfg.vae_temporal_stride)
+    n = Timeline(stride=model.cfg.vae_temporal_stride).video_frames(n_latent)
     inputs = SampleInputs(torch.randn(1, 16, 4, 4, generator=g), n_latent, [0],
                           audio=torch.randn(1, 2 * n, model.cfg.audio_dim, generator=g),
                           kp_canonical=torch.randn(1, model.cfg.kp_dim, generator=g))

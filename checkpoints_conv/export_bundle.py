@@ -9,10 +9,10 @@ Config), ``stats.json`` (the ``stats`` of the training shards' ``index.json``, w
 is assembled in a temporary sibling directory and renamed into place, so an interrupted export never
 leaves a half-written bundle, and an existing OUT_DIR is only replaced with ``--overwrite``.
 
-EMA: the trainer keeps no EMA today (``train.ema_decay`` is accepted but unused), so bundles carry
-none and bundle.json says so. A run that does keep one must save it per tag as safetensors under
-``checkpoints/<tag>/ema/`` (``model.safetensors`` or a sharded index, model state_dict keys); it is
-then copied into the bundle's ``ema/`` and ``load_bundle`` prefers it.
+EMA: a run with ``train.ema_decay > 0`` saves, per tag, each rank's ZeRO-3-style piece of the EMA under
+``checkpoints/<tag>/ema/rank_*.safetensors`` (``dualforce_mega/training/ema.py``); the export reassembles
+them one tensor at a time into the bundle's ``ema/`` (same layout as the main weights), which
+``load_bundle`` / ``eval.generate`` use by default (``--weights model`` picks the raw weights).
 """
 from __future__ import annotations
 
@@ -25,13 +25,16 @@ import shutil
 from pathlib import Path
 from typing import Any, Optional
 
-from dualforce_mega.bundle import EMA_DIR, MANIFEST_NAME, STATS_NAME, has_ema, read_state_dict, weight_files
+import torch
+
+from dualforce_mega.bundle import EMA_DIR, MANIFEST_NAME, STATS_NAME, has_ema
 from dualforce_mega.cli import run_main
 from dualforce_mega.config import Config
 from dualforce_mega.fsutil import refuse_overlap
-
-from .safetensors_io import DTYPES, parse_size, write_state_dict
+from dualforce_mega.training.ema import ema_shapes, has_ema_shards, iter_ema_tensors
 from dualforce_mega.training.zero_reader import locate
+
+from .safetensors_io import DTYPES, ShardedWriter, TensorSpec, output_dtype, parse_size
 from .zero_to_safetensors import DEFAULT_MAX_SHARD, convert, resolve_config
 
 log = logging.getLogger(__name__)
@@ -78,6 +81,15 @@ def check_output(run_dir: Path, out_dir: Path, tag: Optional[str], config: Optio
         index = find_shard_index(resolve_config(loc.run_dir, config, run_dir))
         inputs["data.shards"] = index.parent if index is not None else None
     refuse_overlap({"OUT_DIR": out_dir}, inputs, replaced=True)
+def export_ema(tag_dir: Path, out_dir: Path, dtype: str, max_shard_size: str) -> int:
+    """The EMA of a checkpoint tag as safetensors in ``out_dir`` (streamed: one tensor at a time)."""
+    specs = [TensorSpec(name, shape, output_dtype(torch.float32, DTYPES[dtype]))
+             for name, shape in ema_shapes(tag_dir).items()]
+    writer = ShardedWriter(Path(out_dir), specs, parse_size(max_shard_size), {"source": str(Path(tag_dir) / EMA_DIR)})
+    for name, t in iter_ema_tensors(tag_dir):
+        writer.add(name, t)
+    writer.close()
+    return len(specs)
 
 
 def export_bundle(run_dir: Path, out_dir: Path, tag: Optional[str] = None, dtype: str = "fp32",
@@ -101,14 +113,11 @@ def export_bundle(run_dir: Path, out_dir: Path, tag: Optional[str] = None, dtype
                         cfg.data.shards)
         loc = locate(Path(run_dir), tag)
         ema_src = loc.tag_dir / EMA_DIR
-        if has_ema(loc.tag_dir):
-            files = weight_files(ema_src)
-            write_state_dict(tmp / EMA_DIR, read_state_dict(ema_src), parse_size(max_shard_size), DTYPES[dtype],
-                             {"source": str(ema_src)})
-            ema_note = f"copied from {ema_src} ({len(files)} tensors)"
+        if has_ema_shards(loc.tag_dir):
+            n = export_ema(loc.tag_dir, tmp / EMA_DIR, dtype, max_shard_size)
+            ema_note = f"reassembled from {ema_src} ({n} tensors, decay {cfg.train.ema_decay})"
         elif cfg.train.ema_decay > 0:
-            ema_note = (f"train.ema_decay={cfg.train.ema_decay} but {ema_src} holds no EMA weights "
-                        f"(the trainer does not keep an EMA)")
+            ema_note = f"train.ema_decay={cfg.train.ema_decay} but {ema_src} holds no EMA rank files"
             log.warning("%s", ema_note)
         else:
             ema_note = "none: the run kept no EMA (train.ema_decay=0)"

@@ -75,15 +75,21 @@ class DiffusionConfig:
     loss_flame: float = 0.1
     loss_lipsync: float = 0.3
     lipsync_temperature: float = 0.07
+    lipsync_negatives: str = "dp"         # dp: all clips of the data-parallel group | local: this micro batch
     sigma_buckets: int = 4                # video loss logged in this many equal sigma bins
+    # what training shows so that sampling stays in distribution (the sampler is the contract)
+    audio_drop_prob: float = 0.1          # per sample: audio dropped (CFG's unconditional branch)
+    text_drop_prob: float = 0.1           # per sample: text dropped (when the model and batch have text)
+    history_prob: float = 0.5             # per sample: a prefix of blocks is clean / lightly noised history
+    history_sigma_max: float = 0.1        # ... with sigma ~ U[0, history_sigma_max]
     # sampler
     sample_steps: int = 8
     sample_shift: float = 3.0
+    sample_history_sigma: float = 0.05    # generated history is conditioned on at this sigma (<= history_sigma_max)
     chunk_blocks: int = 1
-    window_blocks: int = 0                # 0 = no rolling window
+    window_blocks: int = -1               # -1 = the training window (data.window); 0 = unbounded; W blocks
     ar_step: int = 0                      # 0 = synchronous schedule
     cfg_audio: float = 1.0                # 1 = no guidance
-    cfg_uncond_audio: str = "none"        # unconditional branch audio: none (no audio attention) | zeros
 
 
 @dataclass
@@ -100,6 +106,8 @@ class DataConfig:
     synthetic_shards: int = 4
     synthetic_dir: str = ""               # default: <run.dir>/synthetic_shards
     verify_checksums: bool = True         # loader checks each sample's CRC32 (catches flipped tensor bytes)
+    normalize: str = "struct,kp_canonical,flame"  # fields the loader standardises with index.json stats ("" = none)
+    ref_elsewhere_prob: float = 0.5       # a window's reference image (and motion) from another position of the clip
 
 
 @dataclass
@@ -128,7 +136,9 @@ class TrainConfig:
     fp8: bool = False
     fp8_recipe: str = "delayed"           # delayed (TE) | current (tensor-wise dynamic) | rowwise (torchao)
     fp8_backend: str = "auto"             # auto (TE, else torchao, else torch._scaled_mm) | te | torchao | torch
-    ema_decay: float = 0.0                # 0 = no EMA
+    ema_decay: float = 0.0                # 0 = no EMA; else sharded like ZeRO-3, used for generation by default
+    init_from: str = ""                   # fresh run: start from a run dir / checkpoint tag / safetensors (Wan import)
+    init_from_ema: bool = False           # ... from its EMA weights
 
 
 @dataclass
@@ -461,7 +471,15 @@ def validate(cfg: Config) -> None:
     _require(d.sigma_buckets >= 1, "diffusion.sigma_buckets", "must be >= 1")
     _require(d.sample_steps >= 1, "diffusion.sample_steps", "must be >= 1")
     _require(d.chunk_blocks >= 1, "diffusion.chunk_blocks", "must be >= 1")
-    _require(d.window_blocks >= 0, "diffusion.window_blocks", "must be >= 0")
+    _require(d.window_blocks >= -1, "diffusion.window_blocks",
+             "must be -1 (the training window), 0 (unbounded) or a number of blocks")
+    _require(d.lipsync_negatives in ("dp", "local"), "diffusion.lipsync_negatives",
+             f"{d.lipsync_negatives!r} is not one of dp, local")
+    for key in ("audio_drop_prob", "text_drop_prob", "history_prob", "history_sigma_max"):
+        _require(0.0 <= getattr(d, key) <= 1.0, f"diffusion.{key}", f"{getattr(d, key)} must be in [0, 1]")
+    _require(0.0 <= d.sample_history_sigma <= d.history_sigma_max, "diffusion.sample_history_sigma",
+             f"{d.sample_history_sigma} must be in [0, diffusion.history_sigma_max={d.history_sigma_max}] "
+             "(a history sigma that training shows)")
     _require(t.phase in (2, 4), "train.phase", f"{t.phase} is not 2 (video-only) or 4 (full)")
     if t.phase == 4:
         _require(cfg.model.struct_tower or cfg.model.audio, "train.phase",
@@ -475,6 +493,10 @@ def validate(cfg: Config) -> None:
     validate_run(cfg.run)
     _require(data.window >= 2, "data.window",
              "must be >= 2 latent frames (the clean reference frame plus at least one)")
+    _require(0.0 <= data.ref_elsewhere_prob <= 1.0, "data.ref_elsewhere_prob",
+             f"{data.ref_elsewhere_prob} must be in [0, 1]")
+    from .data.normalization import parse_fields   # lazy: config.py is imported by everything
+    parse_fields(data.normalize)
     _require(bool(data.shards) or data.synthetic_frames >= data.window, "data.synthetic_frames",
              f"synthetic_frames={data.synthetic_frames} must be >= data.window={data.window}")
 
@@ -500,6 +522,7 @@ def validate_train(t: TrainConfig) -> None:
              "train.global_batch",
              f"global_batch={t.global_batch} must be a multiple of train.micro_batch={t.micro_batch}")
     _require(t.lr > 0, "train.lr", "must be positive")
+    _require(0.0 <= t.ema_decay < 1.0, "train.ema_decay", f"{t.ema_decay} must be in [0, 1) (0 = no EMA)")
     _require(t.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
     _require(t.save_every >= 0, "train.save_every", "must be >= 0 (0 = never save: benchmarks)")
     _require(t.keep_last >= 1, "train.keep_last", "must be >= 1")

@@ -22,7 +22,8 @@ import torch
 
 from .config import ModelConfig
 from .models.attention import MaskSpec, prefix_plan
-from .models.layout import audio_window_index, build_layout, num_video_frames
+from .models.layout import audio_window_index, build_layout
+from .timeline import Timeline
 
 # backward pass = this many forward passes of matmul work (dgrad + wgrad)
 BACKWARD_OVER_FORWARD = 2.0
@@ -77,8 +78,9 @@ def forward_flops(cfg: ModelConfig, batch: int, frames: int, latent_hw: tuple[in
     layout = build_layout(cfg, torch.arange(frames), grid, use_struct, 0, torch.device("cpu"))
     d, b = cfg.dim, batch
     lv = frames * grid[0] * grid[1]
-    n = num_video_frames(frames, cfg.vae_temporal_stride)
-    a = n * cfg.audio_rate // cfg.fps if with_audio and cfg.audio else 0
+    tl = Timeline.of(cfg)
+    n = tl.video_frames(frames)
+    a = tl.audio_frames(frames) if with_audio and cfg.audio else 0
     text = text_len if cfg.text_dim > 0 else 0
     c = FlopCount()
 

@@ -34,6 +34,7 @@ from .flops import BACKWARD_OVER_FORWARD, forward_flops
 from .hardware import H100
 from .plan_activations import activation_report
 from .summary import build_meta_model, count_parameters
+from .timeline import Timeline
 
 GIB = 1024 ** 3
 H100_BF16_PEAK_TFLOPS = H100.bf16_tflops    # H100 SXM dense bf16 tensor-core peak (NVIDIA datasheet, no sparsity)
@@ -76,12 +77,6 @@ class PlanInput:
                 raise ValueError(f"{flag}: {value} must be positive")
         if self.text_len < 0:
             raise ValueError(f"--text-len: {self.text_len} must be >= 0")
-
-
-def latent_frames(video_frames: int, stride: int) -> int:
-    if video_frames < 1:
-        raise ValueError(f"--frames: {video_frames} must be >= 1")
-    return 1 + (video_frames - 1) // stride
 
 
 def latent_grid(resolution: int, m: ModelConfig) -> tuple[int, int]:
@@ -164,7 +159,8 @@ def plan(inp: PlanInput, propose: bool = True) -> dict:
         raise ValueError(f"--sp: {inp.sp} must divide --gpus {inp.gpus} (sequence-parallel groups stay in a node)")
     counts, gathered = model_structure(inp.preset)
     params = counts["total_trainable"]
-    f = latent_frames(inp.frames, m.vae_temporal_stride)
+    tl = Timeline.of(m)
+    f = tl.latent_frames_within(inp.frames)
     grid = latent_grid(inp.resolution, m)
     video_tokens = f * grid[0] * grid[1]
 
@@ -197,10 +193,10 @@ def plan(inp: PlanInput, propose: bool = True) -> dict:
     result = {
         "input": asdict(inp),
         "latent_frames": f,
-        "video_frames_covered": 1 + m.vae_temporal_stride * (f - 1),
+        "video_frames_covered": tl.video_frames(f),
         "latent_grid": list(grid),
         "tokens": {"video": video_tokens, "video_per_rank": math.ceil(video_tokens / inp.sp),
-                   "struct": 1 + m.vae_temporal_stride * (f - 1) if m.struct_tower else 0},
+                   "struct": tl.video_frames(f) if m.struct_tower else 0},
         "world": world, "dp": world // inp.sp,
         "params": params,
         "params_by_component": {k: v for k, v in counts.items() if k != "total_trainable"},

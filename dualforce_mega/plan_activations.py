@@ -26,7 +26,7 @@ import math
 from dataclasses import dataclass, field
 
 from .config import ModelConfig
-from .models.layout import num_video_frames
+from .timeline import Timeline
 
 FP32 = 4          # bytes of the fp32 copies (norms, modulation, gates, RoPE tables, softmax statistics)
 INDEX = 8         # bytes of an int64 index
@@ -150,8 +150,9 @@ def activation_report(m: ModelConfig, batch: int, latent_frames: int, grid_hw: t
     a, d = act_bytes, m.dim
     lv = latent_frames * grid_hw[0] * grid_hw[1]
     shard = math.ceil(lv / sp)
-    n = num_video_frames(latent_frames, m.vae_temporal_stride)
-    per_frame_audio = m.audio_rate // m.fps
+    tl = Timeline.of(m)
+    n = tl.video_frames(latent_frames)
+    per_frame_audio = tl.audio_per_video_frame
     audio_len = n * per_frame_audio if with_audio and m.audio else 0
     text = text_len if m.text_dim > 0 else 0
     video = StreamShape(shard, shard * sp, latent_frames)

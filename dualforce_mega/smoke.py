@@ -24,6 +24,7 @@ from .diffusion.objective import metrics_to_floats
 from .parallel.deepspeed_config import build_optimizer
 from .summary import count_parameters
 from .training.step import TorchUpdater, TrainStep
+from .timeline import Timeline
 
 log = logging.getLogger("dualforce_mega.smoke")
 
@@ -33,14 +34,14 @@ def random_batch(cfg: Config, batch: int, frames: int, height: int, width: int, 
     """Clean data in the batch layout of docs/INTERFACES.md (``frames`` latent frames; ``__index__``
     0..batch-1 on the host)."""
     m = cfg.model
-    n = 1 + m.vae_temporal_stride * (frames - 1)          # video frames covered by the latent frames
-    per_video_frame = m.audio_rate // m.fps
+    tl = Timeline.of(m)
+    n = tl.video_frames(frames)
 
     def rnd(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=generator).to(device)
 
     out = {"video_latent": rnd(batch, m.in_channels, frames, height, width), "struct": rnd(batch, n, m.motion_dim),
-           "kp_canonical": rnd(batch, m.kp_dim), "audio": rnd(batch, n * per_video_frame, m.audio_dim),
+           "kp_canonical": rnd(batch, m.kp_dim), "audio": rnd(batch, tl.audio_frames(frames), m.audio_dim),
            "flame": rnd(batch, n, m.flame_dim)}
     if m.text_dim > 0:
         out["text_emb"] = rnd(batch, text_tokens, m.text_dim)

@@ -30,7 +30,7 @@ def pipeline_spec(args: argparse.Namespace) -> PipelineSpec:
     return PipelineSpec(bundle=args.bundle, random_preset=args.random_preset, vae=args.vae,
                         audio_encoder=args.audio_encoder, audio_layer=args.audio_layer,
                         motion_extractor=args.motion_extractor, device=args.device,
-                        dtype=args.dtype, height=args.height, width=args.width,
+                        dtype=args.dtype, height=args.height, width=args.width, weights=args.weights,
                         diffusion={k: v for k, v in flags.items() if v is not None})
 
 
@@ -67,6 +67,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     src.add_argument("--bundle", help="inference bundle directory (checkpoints_conv.export_bundle)")
     src.add_argument("--random-preset", choices=RANDOM_PRESETS, help="random weights, tiny VAE and audio "
                                                                      "encoder (smoke tests; no downloads)")
+    model.add_argument("--weights", default="auto", choices=("auto", "ema", "model"),
+                       help="bundle weights: auto = the EMA weights when the bundle has them, ema, or model (raw)")
     model.add_argument("--vae", help="diffusers AutoencoderKLWan folder (default: BUNDLE/vae)")
     model.add_argument("--audio-encoder", help="transformers HuBERT / wav2vec2 folder (default: BUNDLE/audio_encoder)")
     model.add_argument("--audio-layer", type=int, default=-1, help="hidden-state index of the audio encoder "
@@ -83,7 +85,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     samp.add_argument("--steps", type=int, help="diffusion.sample_steps")
     samp.add_argument("--shift", type=float, help="diffusion.sample_shift")
     samp.add_argument("--chunk-blocks", type=int, help="diffusion.chunk_blocks")
-    samp.add_argument("--window-blocks", type=int, help="diffusion.window_blocks (0 = unbounded)")
+    samp.add_argument("--window-blocks", type=int, help="diffusion.window_blocks (-1 = the training window, 0 = unbounded)")
     samp.add_argument("--ar-step", type=int, help="diffusion.ar_step (0 = synchronous)")
     samp.add_argument("--cfg-audio", type=float, help="diffusion.cfg_audio (1 = no guidance)")
     samp.add_argument("--seed", type=int, default=0)

@@ -18,11 +18,12 @@ from tqdm import tqdm
 
 from dualforce_mega.config import Config, build_config
 from dualforce_mega.diffusion.ar_schedule import plan_chunks
-from dualforce_mega.diffusion.sampler import ARSampler, SampleInputs, num_latent_frames
+from dualforce_mega.data.normalization import Normalizer, parse_fields
+from dualforce_mega.diffusion.sampler import ARSampler, SampleInputs
 from dualforce_mega.encoders import AUDIO_SAMPLE_RATE, SpeechEncoder, WanVAE, tiny_audio_encoder, tiny_vae
 from dualforce_mega.models.dualforce import DualForceModel
-from dualforce_mega.models.layout import num_video_frames
 from dualforce_mega.preprocess.motion import MEDIAPIPE, MotionExtractorFn, build_motion_extractor, reference_motion
+from dualforce_mega.timeline import Timeline
 
 from .batch import Job
 from dualforce_mega.media import Mp4Writer, fit_length, load_audio, load_image, to_uint8_frames
@@ -49,6 +50,7 @@ class PipelineSpec:
     height: Optional[int] = None           # pixels; default data.latent_height * vae stride
     width: Optional[int] = None
     diffusion: dict[str, Any] = field(default_factory=dict)  # DiffusionConfig field overrides
+    weights: str = "auto"                  # bundle weights: auto (EMA when present) | ema | model (raw)
 
 
 @dataclass
@@ -60,6 +62,7 @@ class Pipeline:
     height: int
     width: int
     motion: Optional[MotionExtractorFn] = None
+    normalizer: Normalizer = field(default_factory=Normalizer)   # the training data's motion statistics
 
 
 @dataclass
@@ -96,10 +99,17 @@ def build_pipeline(spec: PipelineSpec) -> Pipeline:
         model = DualForceModel(cfg.model).to(device, dtype).eval()
         vae = WanVAE(tiny_vae(z_dim=cfg.model.in_channels).to(device, dtype))
         speech = SpeechEncoder(tiny_audio_encoder(cfg.model.audio_dim).to(device, dtype))
+        normalizer = Normalizer()
     else:
         from dualforce_mega.bundle import load_bundle
 
-        model, cfg, _ = load_bundle(spec.bundle, device, dtype)
+        model, cfg, stats = load_bundle(spec.bundle, device, dtype, weights=spec.weights)
+        fields = parse_fields(cfg.data.normalize)
+        if stats is None and fields:
+            log.warning("%s: no stats.json, but the model was trained on standardised %s: motion inputs and "
+                        "outputs stay in the model's standardised units", spec.bundle, ", ".join(fields))
+            fields = ()
+        normalizer = Normalizer.from_stats(stats, fields, source=f"{spec.bundle}/stats.json")
         vae = WanVAE.from_pretrained(spec.vae or _bundle_part(spec.bundle, BUNDLE_VAE_DIR, "vae"), device, dtype)
         speech = SpeechEncoder.from_pretrained(
             spec.audio_encoder or _bundle_part(spec.bundle, BUNDLE_AUDIO_DIR, "audio_encoder"), device, dtype,
@@ -126,7 +136,7 @@ def build_pipeline(spec: PipelineSpec) -> Pipeline:
         if (motion.layout.dim, motion.layout.kp_dim) != (cfg.model.motion_dim, cfg.model.kp_dim):
             raise ValueError(f"motion extractor gives {motion.layout.dim}-d motion / {motion.layout.kp_dim}-d keypoints; "
                              f"the model needs motion_dim={cfg.model.motion_dim}, kp_dim={cfg.model.kp_dim}")
-    return Pipeline(model, cfg, vae, speech, height, width, motion)
+    return Pipeline(model, cfg, vae, speech, height, width, motion, normalizer)
 
 
 def _bundle_part(bundle: str, sub: str, what: str) -> str:
@@ -161,20 +171,23 @@ def generate_one(pipe: Pipeline, job: Job, out: Path, opts: GenerateOptions) -> 
     mcfg = pipe.cfg.model
     wave = load_audio(job.audio, AUDIO_SAMPLE_RATE)
     frames = opts.frames or max(1, int(wave.numel() * mcfg.fps // AUDIO_SAMPLE_RATE))
-    n_latent = num_latent_frames(frames, mcfg.vae_temporal_stride)
-    n_covered = num_video_frames(n_latent, mcfg.vae_temporal_stride)  # >= frames
+    tl = Timeline.of(mcfg)
+    n_latent = tl.latent_frames_covering(frames)
+    n_covered = tl.video_frames(n_latent)  # >= frames
     covered = fit_length(wave, n_covered * AUDIO_SAMPLE_RATE // mcfg.fps)
-    feats = pipe.speech.encode(covered, n_covered, mcfg.fps, mcfg.audio_rate // mcfg.fps)
+    feats = pipe.speech.encode(covered, n_covered, mcfg.fps, tl.audio_per_video_frame)
     image = load_image(job.image, pipe.height, pipe.width)
     reference = pipe.vae.encode_image(image[None])
     if pipe.motion is not None and (opts.kp_canonical is None or opts.ref_motion is None):
+        # struct frame 0 and kp_canonical from the reference image (raw units; the sampler standardises)
         ref_motion, kp = reference_motion(pipe.motion, to_uint8_frames(image[:, None])[0])
         opts = replace(opts, kp_canonical=opts.kp_canonical if opts.kp_canonical is not None else torch.from_numpy(kp),
                        ref_motion=opts.ref_motion if opts.ref_motion is not None else torch.from_numpy(ref_motion))
     inputs = SampleInputs(reference=reference, num_latent=n_latent, seeds=[opts.seed], audio=feats[None],
                           kp_canonical=_batched(opts.kp_canonical), ref_motion=_batched(opts.ref_motion),
                           text_emb=_batched(opts.text_emb))
-    sampler = ARSampler(pipe.model, pipe.cfg.diffusion, use_cache=opts.use_cache, static=opts.stream)
+    sampler = ARSampler(pipe.model, pipe.cfg.diffusion, use_cache=opts.use_cache, static=opts.stream,
+                        training_window=pipe.cfg.data.window, normalizer=pipe.normalizer)
     if opts.stream and next(pipe.model.parameters()).is_cuda:
         # the chunk forward is captured on the first chunk after the sink: do it before the clock starts
         warm = 1 + mcfg.causal_block_size * pipe.cfg.diffusion.chunk_blocks

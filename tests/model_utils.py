@@ -5,7 +5,8 @@ import torch
 
 from dualforce_mega.config import ModelConfig, model_preset
 from dualforce_mega.models import DualForceModel
-from dualforce_mega.models.layout import num_video_frames
+from dualforce_mega.models.blocks import GATE_ROWS
+from dualforce_mega.timeline import Timeline
 
 
 def tiny_model(seed: int = 0, **overrides) -> DualForceModel:
@@ -14,8 +15,8 @@ def tiny_model(seed: int = 0, **overrides) -> DualForceModel:
 
 
 def randomize_heads(model: DualForceModel, seed: int = 1, scale: float = 0.05) -> None:
-    """Give the zero-initialised output heads and bridge outputs random weights, as a trained
-    model would have, so that every input path reaches the outputs."""
+    """Give the zero-initialised output heads, bridge outputs and AdaLN-Zero residual gates random
+    weights, as a trained model would have, so that every input path reaches the outputs."""
     g = torch.Generator().manual_seed(seed)
     towers = [model.video] + ([model.struct] if model.struct is not None else [])
     params = [t.head.head.weight for t in towers]
@@ -24,13 +25,20 @@ def randomize_heads(model: DualForceModel, seed: int = 1, scale: float = 0.05) -
     with torch.no_grad():
         for p in params:
             p.copy_(torch.randn(p.shape, generator=g) * scale)
+        for t in towers:
+            dim = t.cfg.dim
+            for row in GATE_ROWS:
+                rows = slice(row * dim, (row + 1) * dim)
+                proj = t.time_projection[1]
+                proj.weight[rows] = torch.randn(proj.weight[rows].shape, generator=g) * scale
+                proj.bias[rows] = 1.0 + torch.randn(dim, generator=g) * scale   # gates near 1: branches active
 
 
 def random_inputs(cfg: ModelConfig, batch: int = 2, frames: int = 4, hw: tuple = (4, 6), seed: int = 0,
                   struct: bool = True) -> dict:
     g = torch.Generator().manual_seed(seed)
-    n = num_video_frames(frames, cfg.vae_temporal_stride)
-    a = n * cfg.audio_rate // cfg.fps
+    tl = Timeline.of(cfg)
+    n, a = tl.video_frames(frames), tl.audio_frames(frames)
     inputs = dict(
         video_latent=torch.randn(batch, cfg.in_channels, frames, *hw, generator=g),
         sigma_video=torch.rand(batch, frames, generator=g),

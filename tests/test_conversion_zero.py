@@ -305,12 +305,13 @@ def test_export_bundle(run_dir, tmp_path):
 
 
 def test_export_bundle_carries_ema_when_the_run_has_one(run_dir, tmp_path):
-    """The EMA contract (checkpoints/<tag>/ema/ safetensors) -> bundle ema/ -> load_bundle prefers it."""
+    """The trainer's EMA files (checkpoints/<tag>/ema/rank_<r>.safetensors, ZeRO-3 pieces of 2 ranks) ->
+    reassembled into the bundle's ema/ -> load_bundle prefers it."""
     import shutil
 
     from checkpoints_conv.export_bundle import export_bundle
-    from checkpoints_conv.safetensors_io import write_state_dict
     from dualforce_mega.bundle import load_bundle, read_state_dict
+    from dualforce_mega.training.ema import partition, save_rank_file
 
     run = tmp_path / "run"
     shutil.copytree(run_dir / "checkpoints", run / "checkpoints")
@@ -318,7 +319,10 @@ def test_export_bundle_carries_ema_when_the_run_has_one(run_dir, tmp_path):
     tag = (run / "checkpoints" / "latest").read_text().strip()
     raw = read_state_dict(export_bundle(run, tmp_path / "plain"))
     ema = {k: v * 0.5 for k, v in raw.items()}
-    write_state_dict(run / "checkpoints" / tag / "ema", ema, max_bytes=10**9)
+    shapes = {k: tuple(v.shape) for k, v in ema.items()}
+    for rank in range(2):
+        save_rank_file(run / "checkpoints" / tag, rank, 2, 0.5,
+                       {k: partition(v.flatten(), rank, 2) for k, v in ema.items()}, shapes)
     out = export_bundle(run, tmp_path / "with_ema", max_shard_size="300KB")
     assert json.loads((out / "bundle.json").read_text())["ema"] is True
     auto, _, _ = load_bundle(out)

@@ -39,7 +39,8 @@ BREAKS = [
     ("struct missing", "struct", lambda t, m: (_drop(t, "struct"), m)),     # talking-head fields come together
     ("flame without struct", "flame", lambda t, m: (_drop(_drop(_drop(t, "struct"), "audio"), "kp_canonical"), m)),
     ("ref without positions", "ref_positions",
-     lambda t, m: ({**t, "ref_latent": t["video_latent"][:, :1].movedim(1, 0).contiguous()}, m)),
+     lambda t, m: ({**{k: v for k, v in t.items() if k != "ref_positions"},
+                    "ref_latent": t["video_latent"][:, :1].movedim(1, 0).contiguous()}, m)),
     ("ref count", "ref_latent", lambda t, m: ({**t, "ref_latent": t["video_latent"][:, :2].movedim(1, 0).contiguous(),
                                               "ref_positions": torch.tensor([0])}, m)),
     ("ref position", "ref_positions", lambda t, m: ({**t, "ref_latent": t["video_latent"][:, :1].movedim(1, 0).contiguous(),

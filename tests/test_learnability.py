@@ -7,7 +7,7 @@ import torch
 
 from dualforce_mega.config import build_config, model_preset
 from dualforce_mega.data.synthetic import STRUCT_NOISE, make_synthetic_clip
-from dualforce_mega.models.layout import num_video_frames
+from dualforce_mega.timeline import Timeline
 from dualforce_mega.data.schema import to_storage, validate_sample
 from dualforce_mega.training.single_process import main, synthetic_clips, train_single_process, window_batches
 
@@ -16,12 +16,19 @@ def test_synthetic_clip_schema_and_determinism():
     m = model_preset("tiny")
     frames, hw = 5, (6, 10)
     tensors, meta = make_synthetic_clip(7, frames, hw, m, seed=3)
-    n = num_video_frames(frames, m.vae_temporal_stride)
+    n = Timeline.of(m).video_frames(frames)
     shapes = {k: tuple(v.shape) for k, v in tensors.items()}
     assert shapes == {"video_latent": (m.in_channels, frames, *hw), "struct": (n, m.motion_dim),
                       "kp_canonical": (m.kp_dim,), "audio": (n * m.audio_rate // m.fps, m.audio_dim),
-                      "flame": (n, m.flame_dim), "text_emb": (3, m.text_dim)}
-    assert all(v.dtype == torch.float32 and bool(torch.isfinite(v).all()) for v in tensors.values())
+                      "flame": (n, m.flame_dim), "text_emb": (3, m.text_dim),
+                      "ref_latent": (frames, m.in_channels, *hw), "ref_positions": (frames,)}
+    # single-image reference encodings: frame 0 is the latent frame itself (one video frame), later ones
+    # encode one video frame where the latent frame averages four
+    assert torch.equal(tensors["ref_latent"][0], tensors["video_latent"][:, 0])
+    assert not torch.allclose(tensors["ref_latent"][2], tensors["video_latent"][:, 2])
+    assert tensors["ref_positions"].tolist() == list(range(frames))
+    assert all(v.dtype == torch.float32 and bool(torch.isfinite(v).all()) for k, v in tensors.items()
+               if k != "ref_positions")
     for key in ("video_latent", "struct", "audio", "flame"):      # roughly unit scale
         assert 0.2 < float(tensors[key].std()) < 3.0, key
     assert meta["fps"] == 25 and meta["source"] == "synthetic" and meta["num_video_frames"] == n
@@ -80,16 +87,19 @@ def test_synthetic_clip_passes_the_shard_schema():
 
 def test_windows_come_from_their_clips():
     cfg = build_config({}, ["data.synthetic_clips=3", "data.synthetic_frames=5", "data.window=3",
-                            "data.latent_height=4", "data.latent_width=4"])
+                            "data.latent_height=4", "data.latent_width=4", "data.normalize=",
+                            "data.ref_elsewhere_prob=0"])
     clips = synthetic_clips(cfg)
     batch = next(window_batches(clips, cfg, 4))
-    n = num_video_frames(3, cfg.model.vae_temporal_stride)
+    n = Timeline.of(cfg.model).video_frames(3)
     assert batch["video_latent"].shape == (4, 16, 3, 4, 4) and batch["struct"].shape == (4, n, 70)
     assert batch["audio"].shape == (4, 2 * n, cfg.model.audio_dim)
     for i, key in enumerate(batch["__key__"]):
         t0 = int(key.rsplit("@", 1)[1])
         clip = next(t for t, meta in clips if key.startswith(meta["key"] + "@"))
-        assert torch.equal(batch["video_latent"][i], clip["video_latent"][:, t0:t0 + 3])
+        # frame 0 is the single-image encoding of video frame 4*t0, the others the clip's latent frames
+        assert torch.equal(batch["video_latent"][i, :, 0], clip["ref_latent"][t0])
+        assert torch.equal(batch["video_latent"][i, :, 1:], clip["video_latent"][:, t0 + 1:t0 + 3])
         assert torch.equal(batch["struct"][i], clip["struct"][4 * t0:4 * t0 + n])
         assert torch.equal(batch["audio"][i], clip["audio"][8 * t0:8 * t0 + 2 * n])
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dualforce_mega.models.layout import latent_frame_spans
+from dualforce_mega.timeline import Timeline
 from model_utils import random_inputs, randomize_heads, tiny_model
 
 FRAMES = 7
@@ -23,7 +23,7 @@ def _perturb_after(cfg, inputs: dict, t: int, seed: int) -> dict:
     new["video_latent"][:, :, t + 1:] = torch.randn(new["video_latent"][:, :, t + 1:].shape, generator=g)
     new["sigma_video"][:, t + 1:] = torch.rand(new["sigma_video"][:, t + 1:].shape, generator=g)
     new["sigma_struct"][:, t + 1:] = torch.rand(new["sigma_struct"][:, t + 1:].shape, generator=g)
-    last_vf = int(latent_frame_spans(torch.tensor([t]), cfg.vae_temporal_stride)[0, 1])
+    last_vf = int(Timeline.of(cfg).spans(torch.tensor([t]))[0, 1])
     new["struct"][:, last_vf + 1:] = torch.randn(new["struct"][:, last_vf + 1:].shape, generator=g)
     ratio = cfg.audio_rate // cfg.fps
     first_unseen = (last_vf + 1 + cfg.audio_context) * ratio
@@ -33,7 +33,7 @@ def _perturb_after(cfg, inputs: dict, t: int, seed: int) -> dict:
 
 
 def _assert_prefix_equal(cfg, a, b, t: int, atol: float) -> None:
-    last_vf = int(latent_frame_spans(torch.tensor([t]), cfg.vae_temporal_stride)[0, 1])
+    last_vf = int(Timeline.of(cfg).spans(torch.tensor([t]))[0, 1])
     pairs = {
         "video": (a.video[:, :, :t + 1], b.video[:, :, :t + 1]),
         "struct": (a.struct[:, :last_vf + 1], b.struct[:, :last_vf + 1]),

@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from dualforce_mega.models import KVCache
-from dualforce_mega.models.layout import latent_frame_spans
+from dualforce_mega.timeline import Timeline
 from model_utils import random_inputs, randomize_heads, tiny_model
 
 
 def _slice_frames(cfg, inputs: dict, f0: int, f1: int) -> dict:
-    spans = latent_frame_spans(torch.arange(f0, f1), cfg.vae_temporal_stride)
+    spans = Timeline.of(cfg).spans(torch.arange(f0, f1))
     s0, s1 = int(spans[0, 0]), int(spans[-1, 1]) + 1
     return dict(video_latent=inputs["video_latent"][:, :, f0:f1], sigma_video=inputs["sigma_video"][:, f0:f1],
                 struct=inputs["struct"][:, s0:s1], sigma_struct=inputs["sigma_struct"][:, f0:f1],
@@ -33,7 +33,7 @@ def test_cached_chunks_equal_full_pass(block_size: int, chunk_blocks: int, windo
         for f0 in range(0, frames, step):
             f1 = min(f0 + step, frames)
             out = model(**_slice_frames(cfg, inputs, f0, f1), cache=cache)
-            spans = latent_frame_spans(torch.arange(f0, f1), cfg.vae_temporal_stride)
+            spans = Timeline.of(cfg).spans(torch.arange(f0, f1))
             s0, s1 = int(spans[0, 0]), int(spans[-1, 1]) + 1
             assert (out.video - full.video[:, :, f0:f1]).abs().max() < 1e-5
             assert (out.struct - full.struct[:, s0:s1]).abs().max() < 1e-5

@@ -12,10 +12,10 @@ from dualforce_mega.diffusion.flow import x0_from_velocity
 from dualforce_mega.diffusion.losses import (info_nce, masked_mse_sum_count, mean_from_sum_count,
                                              per_frame_mse, sigma_bucket_stats)
 from dualforce_mega.diffusion.noise import (block_sigmas, draw_sample_noise, mix_seed, sample_seeds)
-from dualforce_mega.diffusion.objective import DiffusionForcingObjective, struct_frame_of_token
+from dualforce_mega.diffusion.objective import DiffusionForcingObjective
 from dualforce_mega.diffusion.schedules import shift_sigma
 from dualforce_mega.models import DualForceModel, DualForceOutput
-from dualforce_mega.models.layout import num_video_frames
+from dualforce_mega.timeline import Timeline
 
 FRAMES, HW, BATCH = 4, (4, 4), 4
 
@@ -27,7 +27,7 @@ def make_cfg(*overrides: str):
 def make_batch(cfg, batch: int = BATCH, frames: int = FRAMES, seed: int = 0) -> dict:
     m = cfg.model
     g = torch.Generator().manual_seed(seed)
-    n = num_video_frames(frames, m.vae_temporal_stride)
+    n = Timeline.of(m).video_frames(frames)
     out = {
         "video_latent": torch.randn(batch, m.in_channels, frames, *HW, generator=g),
         "struct": torch.randn(batch, n, m.motion_dim, generator=g),
@@ -152,7 +152,7 @@ def test_prepare_noising_and_reference():
     batch = make_batch(cfg)
     inputs, t = obj.prepare(batch, torch.arange(BATCH))
     assert set(inputs) == {"video_latent", "sigma_video", "struct", "sigma_struct", "kp_canonical", "audio",
-                           "text_emb"}
+                           "text_emb", "audio_drop", "text_drop"}
     # reference frame and its struct frame are exactly clean
     assert bool((inputs["sigma_video"][:, 0] == 0).all()) and bool((inputs["sigma_struct"][:, 0] == 0).all())
     assert torch.equal(inputs["video_latent"][:, :, 0], batch["video_latent"][:, :, 0])
@@ -160,7 +160,7 @@ def test_prepare_noising_and_reference():
     # x0 = x_s - s * v recovers the clean data from the velocity target
     sv = inputs["sigma_video"][:, None, :, None, None]
     torch.testing.assert_close(x0_from_velocity(inputs["video_latent"], t.video, sv), batch["video_latent"])
-    tok = struct_frame_of_token(FRAMES, cfg.model.vae_temporal_stride)
+    tok = Timeline.of(cfg.model).latent_of_video_frames(torch.arange(FRAMES))
     ss = inputs["sigma_struct"][:, tok, None]
     torch.testing.assert_close(x0_from_velocity(inputs["struct"], t.struct, ss), batch["struct"])
     assert t.frame_valid.tolist() == [False] + [True] * (FRAMES - 1)
@@ -298,17 +298,17 @@ def test_phase2_video_only():
     cfg = make_cfg("train.phase=2", "model.struct_tower=false", "model.audio=false")
     obj = DiffusionForcingObjective(cfg)
     inputs, t = obj.prepare(make_batch(cfg), torch.arange(BATCH))
-    assert set(inputs) == {"video_latent", "sigma_video", "text_emb"}
+    assert set(inputs) == {"video_latent", "sigma_video", "text_emb", "text_drop"}
     assert t.struct is None and t.flame is None
     torch.manual_seed(0)
     model = DualForceModel(cfg.model)
     loss, metrics = obj.losses(model(**inputs, return_aux=True), t)
-    assert {k for k in metrics if not k.startswith("loss_video_sigma")} == {"loss", "loss_video"}
+    assert {k for k in metrics if not k.startswith(("loss_video_sigma", "frames_video_sigma"))} == {"loss", "loss_video"}
     assert metrics["loss"] == pytest.approx(metrics["loss_video"])
     loss.backward()
     # phase 2 keeps the video-only path even if the config still has a struct tower
     inputs2, _ = DiffusionForcingObjective(make_cfg("train.phase=2")).prepare(make_batch(cfg), torch.arange(BATCH))
-    assert set(inputs2) == {"video_latent", "sigma_video", "text_emb"}
+    assert set(inputs2) == {"video_latent", "sigma_video", "text_emb", "text_drop"}
 
 
 def test_full_model_all_losses_and_gradients():
@@ -332,7 +332,7 @@ def test_no_struct_stream_ablation_trains_video_with_audio():
     cfg = make_cfg("model.struct_tower=false")
     obj = DiffusionForcingObjective(cfg)
     inputs, t = obj.prepare(make_batch(cfg, batch=2), torch.arange(2))
-    assert set(inputs) == {"video_latent", "sigma_video", "audio", "text_emb"}
+    assert set(inputs) == {"video_latent", "sigma_video", "audio", "text_emb", "audio_drop", "text_drop"}
     torch.manual_seed(0)
     loss, metrics = obj.losses(DualForceModel(cfg.model)(**inputs, return_aux=True), t)
-    assert {k for k in metrics if not k.startswith("loss_video_sigma")} == {"loss", "loss_video"}
+    assert {k for k in metrics if not k.startswith(("loss_video_sigma", "frames_video_sigma"))} == {"loss", "loss_video"}

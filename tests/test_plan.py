@@ -10,7 +10,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from dualforce_mega.config import MODEL_PRESETS, model_preset
 from dualforce_mega.models import DualForceModel
-from dualforce_mega.plan import PlanInput, latent_frames, main, plan
+from dualforce_mega.plan import PlanInput, main, plan
+from dualforce_mega.timeline import Timeline
 from dualforce_mega.plan_activations import activation_report
 from model_utils import random_inputs, saved_activation_bytes, tiny_model
 
@@ -26,7 +27,7 @@ def test_param_count_equals_the_model(preset: str) -> None:
 
 
 def test_vae_frame_mapping() -> None:
-    assert [latent_frames(n, 4) for n in (1, 5, 32, 128, 256, 512)] == [1, 2, 8, 32, 64, 128]
+    assert [Timeline(stride=4).latent_frames_within(n) for n in (1, 5, 32, 128, 256, 512)] == [1, 2, 8, 32, 64, 128]
 
 
 def _measured_peak_bytes(checkpointing: bool, frames: int, hw: int, dtype: torch.dtype) -> int:
@@ -162,7 +163,7 @@ def test_long_sequence_configs_follow_the_planner(frames: int) -> None:
 
     cfg = load_config(str(Path(__file__).resolve().parents[1] / "launch" / "configs" / f"long_{frames}.yaml"))
     assert cfg.model.preset == "lite"
-    assert cfg.data.window == latent_frames(frames, cfg.model.vae_temporal_stride)
+    assert cfg.data.window == Timeline.of(cfg.model).latent_frames_within(frames)
     assert cfg.train.activation_checkpointing and cfg.train.micro_batch == 1
     fitting = [sp for sp in (1, 2, 4)
                if plan(PlanInput(preset="lite", frames=frames, resolution=512, gpus=8, sp=sp, gpu_mem_gib=40),

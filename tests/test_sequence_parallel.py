@@ -242,7 +242,9 @@ TRAIN_STEPS = 5
 def _train(run_dir: Path, sp: int, ranks: int, shards: str = "") -> tuple[list[dict], str]:
     args = ["-m", "dualforce_mega.training.train", "--config", "launch/configs/tiny_cpu.yaml",
             "--set", f"parallel.sp={sp}", "--set", f"train.steps={TRAIN_STEPS}", "--set", f"run.dir={run_dir}",
-            "--set", "run.tensorboard=false"] + (["--set", f"data.shards={shards}"] if shards else [])
+            "--set", "run.tensorboard=false",
+            # lip-sync negatives gathered over the data-parallel group would tie the loss to dp
+            "--set", "diffusion.lipsync_negatives=local"] + (["--set", f"data.shards={shards}"] if shards else [])
     launcher = [sys.executable] if ranks == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
          "--master_port", str(_free_port())]

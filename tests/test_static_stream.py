@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from dualforce_mega.config import DiffusionConfig
-from dualforce_mega.diffusion.sampler import ARSampler, num_latent_frames
+from dualforce_mega.diffusion.sampler import ARSampler
+from dualforce_mega.timeline import Timeline
 from test_sampler import TOL, inputs, randomized_model, retained_bytes_per_chunk
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -66,11 +67,11 @@ def test_memory_flat_as_the_video_grows(model):
     cfg = DiffusionConfig(sample_steps=1, window_blocks=3)
     motion = torch.zeros(1, 70)
     retained_bytes_per_chunk(model, cfg, inputs(3, ref_motion=motion), static=True)  # lazily built module caches
-    short = retained_bytes_per_chunk(model, cfg, inputs(num_latent_frames(65, 4), ref_motion=motion), static=True)
-    long = retained_bytes_per_chunk(model, cfg, inputs(num_latent_frames(129, 4), ref_motion=motion), static=True)
+    short = retained_bytes_per_chunk(model, cfg, inputs(Timeline().latent_frames_covering(65), ref_motion=motion), static=True)
+    long = retained_bytes_per_chunk(model, cfg, inputs(Timeline().latent_frames_covering(129), ref_motion=motion), static=True)
     assert len(set(long[1:])) == 1 and set(short[1:]) == set(long[1:])
     stats = ARSampler(model, cfg, static=True)
-    stats.sample(inputs(num_latent_frames(65, 4), ref_motion=motion))
+    stats.sample(inputs(Timeline().latent_frames_covering(65), ref_motion=motion))
     assert len(set(stats.stats.history_bytes[1:])) == 1
 
 

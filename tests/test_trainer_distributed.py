@@ -33,8 +33,10 @@ GRAD_NORM_RTOL = 1e-4
 
 
 def _args(run_dir: Path, shards: str = "") -> list[str]:
+    # lip-sync negatives from the micro batch only: gathering them over the data-parallel group ties the
+    # loss to the number of ranks, and these runs are compared across world sizes
     args = ["--set", f"run.dir={run_dir}", "--set", f"train.steps={STEPS}", "--set", f"train.save_every={SAVE_EVERY}",
-            "--set", "run.log_samples=true"]
+            "--set", "run.log_samples=true", "--set", "diffusion.lipsync_negatives=local"]
     return args + (["--set", f"data.shards={shards}"] if shards else [])
 
 

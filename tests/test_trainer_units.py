@@ -316,7 +316,7 @@ def test_launch_script_is_valid_bash_and_python(script: str) -> None:
     (["--set", "parallel.sp=4", "--nproc", "2"], "parallel.sp"),
     (["--set", "data.shards=/nonexistent/shards"], "data.shards: /nonexistent/shards"),
     (["--set", "train.stepz=3"], "train.stepz: unknown key (did you mean train.steps?)"),
-    (["--set", "train.ema_decay=0.5"], "train.ema_decay: 0.5 asks for EMA weights"),
+    (["--set", "train.init_from=/nonexistent/run"], "train.init_from: /nonexistent/run does not exist"),
     (["--frobnicate"], "unknown argument '--frobnicate'"),
 ])
 def test_launch_fails_before_spawning(args: list[str], message: str) -> None:

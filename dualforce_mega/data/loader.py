@@ -30,6 +30,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..config import Config
+from .normalization import Normalizer, parse_fields
 from .schema import ShardSchema
 from .shard_source import ReadCounters, ShardRef, ShardSetError, resolve_shards
 from .stream import SampleStream, StreamSpec
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 STATE_FORMAT = 1
 # fields of the saved state that must match for the continued stream to be the same stream
 _LAYOUT_FIELDS = ("seed", "dp_rank", "dp_size", "num_streams", "window", "micro_batch", "shuffle_buffer",
-                  "keep_text", "verify_checksums", "shards")
+                  "keep_text", "verify_checksums", "ref_elsewhere_prob", "shards")
 
 
 @dataclass
@@ -53,9 +54,10 @@ class _StreamsDataset(IterableDataset):
     """Runs stream ``(worker_id + offset) % num_streams`` in each dataloader worker."""
 
     def __init__(self, shards: list[ShardRef], schema: ShardSchema, spec: StreamSpec,
-                 states: list[StreamState], offset: int):
+                 states: list[StreamState], offset: int, normalizer: Normalizer):
         super().__init__()
         self.shards, self.schema, self.spec, self.states, self.offset = shards, schema, spec, states, offset
+        self.normalizer = normalizer
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -63,7 +65,7 @@ class _StreamsDataset(IterableDataset):
         sid = (worker + self.offset) % self.spec.num_streams
         st = self.states[sid]
         stream = SampleStream(self.shards, self.schema, self.spec, sid, epoch=st.epoch, skip=st.batches,
-                              counters=ReadCounters.from_dict(st.counters))
+                              counters=ReadCounters.from_dict(st.counters), normalizer=self.normalizer)
         return iter(stream)
 
 
@@ -76,10 +78,14 @@ class ShardLoader:
         d = cfg.data
         self.schema = ShardSchema.from_model(cfg.model)
         self.shard_set = resolve_shards(d.shards, self.schema)
+        stats = self.shard_set.index.get("stats") if self.shard_set.index else None
+        self.normalizer = Normalizer.from_stats(stats, parse_fields(d.normalize),
+                                                source=f"data.shards: {self.shard_set.index_path or d.shards}")
         self.workers = d.workers
         self.spec = StreamSpec(seed=d.seed, dp_rank=dp_rank, dp_size=dp_size, num_streams=max(1, d.workers),
                                window=d.window, micro_batch=cfg.train.micro_batch, shuffle_buffer=d.shuffle_buffer,
-                               keep_text=cfg.model.text_dim > 0, verify_checksums=d.verify_checksums)
+                               keep_text=cfg.model.text_dim > 0, verify_checksums=d.verify_checksums,
+                               ref_elsewhere_prob=d.ref_elsewhere_prob)
         n, need = len(self.shard_set.shards), dp_size * self.spec.num_streams
         if n < need:
             raise ShardSetError(
@@ -116,7 +122,8 @@ class ShardLoader:
     def _start(self) -> None:
         offset = (self._delivered_batches - self._rr_base) % self.spec.num_streams
         dataset = _StreamsDataset(self.shard_set.shards, self.schema, self.spec,
-                                  [StreamState(s.epoch, s.batches, dict(s.counters)) for s in self._states], offset)
+                                  [StreamState(s.epoch, s.batches, dict(s.counters)) for s in self._states], offset,
+                                  self.normalizer)
         self._dataloader = DataLoader(dataset, batch_size=None, num_workers=self.workers)
         self._loader_iter = iter(self._dataloader)
 
@@ -151,6 +158,7 @@ class ShardLoader:
                 "num_streams": self.spec.num_streams, "window": self.spec.window,
                 "micro_batch": self.spec.micro_batch, "shuffle_buffer": self.spec.shuffle_buffer,
                 "keep_text": self.spec.keep_text, "verify_checksums": self.spec.verify_checksums,
+                "ref_elsewhere_prob": self.spec.ref_elsewhere_prob,
                 "shards": hashlib.sha1(names.encode()).hexdigest()}
 
     def state_dict(self) -> dict[str, Any]:

@@ -6,6 +6,13 @@ the symbolic sizes are related by
 
     N = 1 + stride * (F - 1)        video frames (struct / FLAME rows) for F latent frames
     A = N * audio_rate / fps        audio feature frames, absolute time from video frame 0
+    R                               single-image reference encodings (optional, with ref_positions)
+
+Reference frames: at inference the clean latent frame 0 is the VAE encoding of one image, while the
+clip's latent frame t0 >= 1 encodes 4 video frames. ``ref_latent[r]`` is the single-image encoding of
+video frame ``stride * ref_positions[r]`` (the last frame of latent frame t0, the frame a window starting
+at t0 keeps, ``Timeline.reference_video_frame``); the loader starts windows only at those positions and
+uses that encoding as the window's frame 0.
 
 Validation works on *layouts* (dtype + shape per field) so the loader can check a sample from
 its safetensors header alone, without decoding the tensors, and the writer checks the same
@@ -22,7 +29,7 @@ from typing import Any, Mapping
 import torch
 
 from ..config import ModelConfig
-from ..models.layout import num_video_frames
+from ..timeline import Timeline
 
 SCHEMA_VERSION = 1
 TENSOR_EXT = "safetensors"
@@ -117,14 +124,18 @@ class ShardSchema:
                    patch_hw=(int(m.patch_size[1]), int(m.patch_size[2])))
 
     @property
+    def timeline(self) -> Timeline:
+        return Timeline(stride=self.stride, fps=self.fps, audio_rate=self.audio_rate)
+
+    @property
     def audio_per_video_frame(self) -> int:
-        return self.audio_rate // self.fps
+        return self.timeline.audio_per_video_frame
 
     def video_frames(self, latent_frames: int) -> int:
-        return num_video_frames(latent_frames, self.stride)
+        return self.timeline.video_frames(latent_frames)
 
     def audio_frames(self, latent_frames: int) -> int:
-        return self.video_frames(latent_frames) * self.audio_per_video_frame
+        return self.timeline.audio_frames(latent_frames)
 
     def model_dims(self) -> dict[str, int]:
         """What index.json records so a loader can refuse shards made for another model."""
@@ -230,10 +241,16 @@ class ShardSchema:
         for name, t in tensors.items():
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 raise SchemaError(shard, key, name, "contains NaN or Inf")
-        pos = tensors.get("ref_positions")
-        if pos is not None and (bool((pos < 0).any()) or bool((pos >= F).any())):
-            raise SchemaError(shard, key, "ref_positions", f"{pos.tolist()} outside latent frames [0, {F})")
+        if "ref_positions" in tensors:
+            check_ref_positions(tensors["ref_positions"], F, shard=shard, key=key)
         return F
+
+
+def check_ref_positions(positions: torch.Tensor, latent_frames: int, *, shard: str, key: str) -> None:
+    """Reference positions must be distinct latent frames of the clip."""
+    pos = positions.tolist()
+    if len(set(pos)) != len(pos) or not all(0 <= p < latent_frames for p in pos):
+        raise SchemaError(shard, key, "ref_positions", f"{pos} must be distinct latent frames in [0, {latent_frames})")
 
 
 def _relation(sym: str) -> str:
@@ -307,5 +324,6 @@ def parse_meta(data: bytes, *, shard: str, key: str) -> dict[str, Any]:
 
 
 __all__ = ["SCHEMA_VERSION", "SchemaError", "ShardSchema", "FieldSpec", "MetaSpec", "TENSOR_FIELDS",
-           "META_FIELDS", "validate_sample", "to_storage", "read_safetensors_layout", "parse_meta", "CRC_META_KEY",
+           "META_FIELDS", "validate_sample", "to_storage", "read_safetensors_layout",
+           "check_ref_positions", "parse_meta", "CRC_META_KEY",
            "TENSOR_EXT", "META_EXT", "KEY_PATTERN"]

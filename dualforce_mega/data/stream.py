@@ -3,12 +3,14 @@
 Per epoch e, the shard list is permuted with a seeded RNG; data-parallel rank r takes every
 dp_size-th shard of the permutation and its stream s (one per dataloader worker) every
 num_streams-th of those, so streams of one epoch never share a shard. Samples pass a seeded
-shuffle buffer, get a window start that depends only on (seed, epoch, key), and are grouped into
-micro-batches of equal shape (bucketing by latent size / text length). Because every decision
-before batching uses only the sample's bytes, its header and its metadata, a restored stream
-fast-forwards to "batch k of epoch e" by replaying the raw stream. A sample with NaN / Inf in any
-floating tensor is skipped and counted (``nonfinite_samples``): one would make every step it is in
-non-finite.
+shuffle buffer, get a window start that depends only on (seed, epoch, key) (among the positions with
+a single-image reference encoding, when the clip has them), and are grouped into micro-batches of
+equal shape (bucketing by latent size / text length). Because every decision before batching uses
+only the sample's bytes, its header, its small ``ref_positions`` field and its metadata, a restored
+stream fast-forwards to "batch k of epoch e" by replaying the raw stream. A sample with NaN / Inf in
+any floating tensor is skipped and counted (``nonfinite_samples``): one would make every step it is in
+non-finite. Decoded windows are standardised by the loader's ``Normalizer`` (the one place
+normalisation happens).
 """
 from __future__ import annotations
 
@@ -21,10 +23,11 @@ from typing import Any, Iterator, Optional
 import torch
 from safetensors.torch import load as st_load
 
-from .schema import CRC_META_KEY, META_EXT, TENSOR_EXT, SchemaError, ShardSchema, parse_meta, \
+from .normalization import Normalizer
+from .schema import CRC_META_KEY, META_EXT, TENSOR_EXT, SchemaError, ShardSchema, check_ref_positions, parse_meta, \
     read_safetensors_layout
 from .shard_source import ReadCounters, ShardRef, read_shard
-from .windowing import slice_window, window_start
+from .windowing import reference_position, slice_window, window_start, window_starts
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +42,7 @@ class StreamSpec:
     micro_batch: int
     shuffle_buffer: int
     keep_text: bool        # model has a text branch
+    ref_elsewhere_prob: float = 0.0   # frame 0 from another reference position of the clip
     verify_checksums: bool = True
 
 
@@ -49,6 +53,8 @@ class Item:
     blob: bytes            # the safetensors bytes, decoded only when the batch is emitted
     latent_frames: int
     bucket: tuple
+    starts: list[int]      # latent frames a window may start at
+    refs: list[int]        # latent frames with a single-image reference encoding (empty: none)
 
 
 class Reporter:
@@ -85,21 +91,28 @@ def inspect(raw: dict[str, Any], schema: ShardSchema, spec: StreamSpec, rep: Rep
             raise SchemaError(url, key, f"{key}.{TENSOR_EXT}", "CRC32 mismatch (corrupt tensor data)")
         layout = read_safetensors_layout(blob, shard=url, key=key)
         frames = schema.validate_layout(layout, meta, shard=url, key=key)
+        tensors = st_load(blob)
+        positions = tensors.get("ref_positions")
+        if positions is not None:
+            check_ref_positions(positions, frames, shard=url, key=key)
     except SchemaError as e:
         rep.skip("corrupt_samples", "%s; skipped", e)
         return None
-    bad = [n for n, t in st_load(blob).items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    bad = [n for n, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     if bad:
         rep.skip("nonfinite_samples", "shard %s: sample %s: %s contains NaN or Inf, skipped", url, key, bad[0])
         return None
-    if frames < spec.window:
-        rep.skip("too_short", "shard %s: sample %s: %d latent frames < data.window %d, skipped",
-                 url, key, frames, spec.window, level=logging.INFO)  # a data choice, not damage
+    starts = window_starts(frames, spec.window, None if positions is None else positions.tolist())
+    if not starts:  # a data choice, not damage
+        rep.skip("too_short", "shard %s: sample %s: %d latent frames, reference positions %s: no window of "
+                 "data.window %d fits, skipped", url, key, frames, None if positions is None else positions.tolist(),
+                 spec.window, level=logging.INFO)
         return None
     h, w = layout["video_latent"][1][2:]
     text = layout["text_emb"][1][0] if spec.keep_text and "text_emb" in layout else None
     # video-only and talking-head clips never share a batch (their field sets differ)
-    return Item(key, url, blob, frames, (h, w, text, "struct" in layout))
+    return Item(key, url, blob, frames, (h, w, text, "struct" in layout), starts,
+                [] if positions is None else positions.tolist())
 
 
 def shuffled(items: Iterator[Item], bufsize: int, rng: random.Random) -> Iterator[Item]:
@@ -134,11 +147,14 @@ def bucketed(items: Iterator[Item], micro_batch: int, rep: Reporter) -> Iterator
                      item.url, item.key, level=logging.DEBUG)  # routine, like drop_last
 
 
-def decode_batch(group: list[Item], epoch: int, schema: ShardSchema, spec: StreamSpec) -> dict[str, Any]:
+def decode_batch(group: list[Item], epoch: int, schema: ShardSchema, spec: StreamSpec,
+                 normalizer: Normalizer) -> dict[str, Any]:
     windows, starts = [], []
     for item in group:
-        t0 = window_start(spec.seed, epoch, item.key, item.latent_frames, spec.window)
-        windows.append(slice_window(st_load(item.blob), t0, spec.window, schema, spec.keep_text))
+        t0 = window_start(spec.seed, epoch, item.key, item.starts)
+        ref = reference_position(spec.seed, epoch, item.key, t0, item.refs, spec.ref_elsewhere_prob)
+        windows.append(normalizer.apply(slice_window(st_load(item.blob), t0, spec.window, schema, spec.keep_text,
+                                                     ref)))
         starts.append(t0)
     batch: dict[str, Any] = {name: torch.stack([w[name] for w in windows]) for name in windows[0]}
     batch["__key__"] = [item.key for item in group]
@@ -150,8 +166,10 @@ class SampleStream:
     """Infinite batches of one (rank, stream), starting at batch ``skip`` of epoch ``epoch``."""
 
     def __init__(self, shards: list[ShardRef], schema: ShardSchema, spec: StreamSpec, stream: int,
-                 epoch: int = 0, skip: int = 0, counters: Optional[ReadCounters] = None):
+                 epoch: int = 0, skip: int = 0, counters: Optional[ReadCounters] = None,
+                 normalizer: Optional[Normalizer] = None):
         self.shards, self.schema, self.spec, self.stream = shards, schema, spec, stream
+        self.normalizer = normalizer or Normalizer()
         self.epoch, self.skip = epoch, skip
         self.counters = counters or ReadCounters()
 
@@ -179,7 +197,7 @@ class SampleStream:
                     if emitted == skip:
                         rep.active = True  # everything after the checkpointed batch is new
                     continue
-                batch = decode_batch(group, epoch, self.schema, spec)
+                batch = decode_batch(group, epoch, self.schema, spec, self.normalizer)
                 batch["__stream__"] = (self.stream, epoch, emitted, self.counters.to_dict())
                 yield batch
             if emitted == 0 or emitted < skip:

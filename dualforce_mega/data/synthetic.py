@@ -20,6 +20,9 @@ from ``WORLD_SEED``), which is what makes the data learnable:
                    over each latent frame's video frames (frame 0 alone, t >= 1: 4t-3..4t)
   kp_canonical [63]  world mean face + per-subject offset
   text_emb [L, D_t]  (if model.text_dim > 0) world embeddings of the clip's attribute tokens
+  ref_latent [F, 16, h, w], ref_positions [F]  single-image encodings of video frame 4*t0 at every latent
+                   frame t0 (one video frame alone, where latent frame t0 >= 1 averages four), as the
+                   data pipeline stores them for the loader's reference frames
 
 Deterministic in (index, seed).
 """
@@ -34,7 +37,7 @@ import torch
 
 from ..config import ModelConfig
 from ..seeding import mix_seed
-from ..models.layout import latent_frame_spans, num_video_frames
+from ..timeline import Timeline
 
 WORLD_SEED = 0x5EED_D0A1          # the fixed global maps every clip shares
 MOUTH, BLINK, POSE = 3, 1, 3       # latent factors per video frame
@@ -146,7 +149,7 @@ def _video(world: World, g: torch.Generator, h: int, w: int, dy: torch.Tensor, d
 
 def _pool_latent(per_frame: torch.Tensor, num_latent: int, stride: int) -> torch.Tensor:
     """[C, N, h, w] video frames -> [C, F, h, w]: each latent frame averages its video frames."""
-    spans = latent_frame_spans(torch.arange(num_latent), stride).tolist()
+    spans = Timeline(stride=stride).spans(torch.arange(num_latent)).tolist()
     return torch.stack([per_frame[:, s:e + 1].mean(1) for s, e in spans], dim=1)
 
 
@@ -165,8 +168,9 @@ def make_synthetic_clip(index: int, num_latent_frames: int, latent_hw: tuple[int
     gs = torch.Generator().manual_seed(mix_seed(seed, subject, 1))   # identity: appearance, voice, face
     gc = torch.Generator().manual_seed(mix_seed(seed, index, 0))     # this clip's motion and noise
 
-    n = num_video_frames(num_latent_frames, m.vae_temporal_stride)
-    audio_per_frame = m.audio_rate // m.fps
+    tl = Timeline.of(m)
+    n = tl.video_frames(num_latent_frames)
+    audio_per_frame = tl.audio_per_video_frame
     t_video = torch.arange(n, dtype=torch.float32) / m.fps
     t_audio = torch.arange(n * audio_per_frame, dtype=torch.float32) / m.audio_rate
 
@@ -195,10 +199,13 @@ def make_synthetic_clip(index: int, num_latent_frames: int, latent_hw: tuple[int
     dx = SHIFT_FRACTION * w * pose[:, 1]   # yaw horizontally
     frames = _video(world, g_app, h, w, dy, dx, mouth, blink[:, 0])
     video = _pool_latent(frames, num_latent_frames, m.vae_temporal_stride)
+    ref_positions = torch.arange(num_latent_frames)
+    ref_latent = torch.stack([frames[:, tl.reference_video_frame(int(t0))] for t0 in ref_positions])
 
     kp = world.mean_face + 0.3 * torch.randn(m.kp_dim, generator=gs)
     tensors = {"video_latent": video.contiguous(), "struct": struct.contiguous(), "kp_canonical": kp,
-               "audio": audio.contiguous(), "flame": flame.contiguous()}
+               "audio": audio.contiguous(), "flame": flame.contiguous(), "ref_latent": ref_latent.contiguous(),
+               "ref_positions": ref_positions}
 
     gender = int(torch.randint(0, TEXT_VOCAB[0], (1,), generator=gs))
     rate_bucket = min(int((float(mouth_sig.freq.mean()) - MOUTH_HZ[0]) / (MOUTH_HZ[1] - MOUTH_HZ[0]) * TEXT_VOCAB[1]),

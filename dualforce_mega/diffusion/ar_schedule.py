@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..timeline import Timeline
+
 
 @dataclass(frozen=True)
 class Chunk:
@@ -74,5 +76,5 @@ def pyramid_passes(num_blocks: int, sigmas: torch.Tensor, ar_step: int) -> list[
 
 def block_of_frames(frame_ids: torch.Tensor, causal_block_size: int) -> torch.Tensor:
     """Index (0-based inside the chunk) of each frame's block."""
-    blocks = frame_ids // causal_block_size
+    blocks = Timeline(block=causal_block_size).block_of(frame_ids)
     return blocks - blocks[0]

@@ -6,7 +6,10 @@ same mean as on one rank.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 
@@ -40,8 +43,17 @@ def sigma_bucket_index(sigma: torch.Tensor, num_buckets: int) -> torch.Tensor:
     return (sigma.double() * num_buckets).floor().long().clamp(0, num_buckets - 1)
 
 
+BUCKET_LOSS_PREFIX = "loss_video_sigma_"
+BUCKET_COUNT_PREFIX = "frames_video_sigma_"   # how many frames a bucket's mean is over (its weight)
+
+
 def bucket_metric_name(lo: float, hi: float) -> str:
-    return f"loss_video_sigma_{lo:.2f}_{hi:.2f}"
+    return f"{BUCKET_LOSS_PREFIX}{lo:.2f}_{hi:.2f}"
+
+
+def bucket_count_name(loss_name: str) -> str:
+    """The metric holding the frame count of a sigma-bucket loss metric."""
+    return BUCKET_COUNT_PREFIX + loss_name[len(BUCKET_LOSS_PREFIX):]
 
 
 def sigma_bucket_stats(frame_loss: torch.Tensor, sigma: torch.Tensor, valid: torch.Tensor, num_buckets: int
@@ -63,18 +75,54 @@ def sigma_bucket_stats(frame_loss: torch.Tensor, sigma: torch.Tensor, valid: tor
     return stats
 
 
-def info_nce(audio_emb: torch.Tensor, struct_emb: torch.Tensor, valid: torch.Tensor, temperature: float
-             ) -> torch.Tensor:
-    """Symmetric InfoNCE between audio and struct embeddings of the same (clip, latent frame).
+def pool_blocks(emb: torch.Tensor, valid: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-latent-frame embeddings [B, F, D] -> per causal block [B, K, D] (mean over the block's valid
+    frames) and the blocks that have any valid frame [K]. ``block`` 1 returns the input."""
+    if block == 1:
+        return emb, valid
+    f = emb.shape[1]
+    # the membership matrix is built where ``valid`` lives (the host in training: no device sync)
+    member = F.one_hot(torch.arange(f, device=valid.device) // block).float() * valid[:, None].float()
+    count = member.sum(0)                                                   # [K]
+    weights = (member / count.clamp_min(1)[None, :]).to(emb.device, emb.dtype, non_blocking=True)
+    return torch.einsum("bfd,fk->bkd", emb, weights), count > 0
 
-    audio_emb, struct_emb [B, F, D]; valid [F] or [B, F] bool. Every valid (clip, frame) pair is a
-    positive; all other valid frames of the same clip and of the other clips are its negatives.
-    Embeddings are L2-normalised; logits are cosine similarities / temperature. The loss averages
-    the audio->struct and struct->audio cross-entropies.
+
+def gather_with_local_grad(x: torch.Tensor, group: Optional[dist.ProcessGroup]) -> tuple[torch.Tensor, int]:
+    """Rows [M, D] of every rank of ``group``, concatenated in rank order, and this rank's offset in it.
+    Other ranks' rows are constants; this rank's rows keep their gradient (each rank back-propagates
+    its own part, and the data-parallel gradient average combines them)."""
+    if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return x, 0
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([x.shape[0]], device=x.device), group=group)
+    sizes = [int(s) for s in sizes]
+    longest = max(sizes)
+    padded = torch.zeros(longest, *x.shape[1:], dtype=x.dtype, device=x.device)
+    padded[:x.shape[0]] = x.detach()
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded, group=group)
+    rows = [x if r == rank else parts[r][:sizes[r]] for r in range(world)]
+    return torch.cat(rows), sum(sizes[:rank])
+
+
+def info_nce(audio_emb: torch.Tensor, struct_emb: torch.Tensor, valid: torch.Tensor, temperature: float,
+             group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
+    """Symmetric InfoNCE between audio and struct embeddings of the same (clip, time step).
+
+    audio_emb, struct_emb [B, T, D] (T = latent frames, or causal blocks after ``pool_blocks``);
+    valid [T] or [B, T] bool. Every valid (clip, step) pair is a positive; all other valid steps of the
+    same clip, of the other clips, and — with a data-parallel ``group`` — of every clip of the group's
+    other ranks are its negatives. Embeddings are L2-normalised; logits are cosine similarities /
+    temperature. The loss averages the audio->struct and struct->audio cross-entropies over this
+    rank's positives.
     """
     valid = valid.expand(audio_emb.shape[:2])
     a = F.normalize(audio_emb.float()[valid], dim=-1)      # [M, D]
     s = F.normalize(struct_emb.float()[valid], dim=-1)
-    logits = a @ s.t() / temperature                       # [M, M]
-    labels = torch.arange(logits.shape[0], device=logits.device)
-    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
+    a_all, offset = gather_with_local_grad(a, group)
+    s_all, _ = gather_with_local_grad(s, group)
+    labels = offset + torch.arange(a.shape[0], device=a.device)
+    return 0.5 * (F.cross_entropy(a @ s_all.t() / temperature, labels)
+                  + F.cross_entropy(s @ a_all.t() / temperature, labels))

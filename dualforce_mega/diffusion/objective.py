@@ -19,10 +19,10 @@ from typing import Any, Optional
 import torch
 
 from ..config import Config, ConfigError
-from ..models.layout import latent_frame_spans
+from ..timeline import Timeline
 from .flow import add_noise, velocity_target
-from .losses import (bucket_metric_name, info_nce, masked_mse_sum_count, mean_from_sum_count, per_frame_mse,
-                     sigma_bucket_edges, sigma_bucket_index)
+from .losses import (bucket_count_name, bucket_metric_name, info_nce, masked_mse_sum_count, mean_from_sum_count,
+                     per_frame_mse, pool_blocks, sigma_bucket_edges, sigma_bucket_index)
 from .noise import draw_batch_noise
 
 LOSS_KEYS = ("video", "struct", "flame", "lipsync")
@@ -48,12 +48,6 @@ class Targets:
                           and not k.endswith("_host") else v for k, v in moved.items()})
 
 
-def struct_frame_of_token(num_latent: int, stride: int) -> torch.Tensor:
-    """Latent frame [N] of each video frame (struct token) of a window with latent frames 0..F-1."""
-    spans = latent_frame_spans(torch.arange(num_latent), stride)
-    return torch.arange(num_latent).repeat_interleave(spans[:, 1] - spans[:, 0] + 1)
-
-
 def _require_key(batch: dict, key: str, why: str) -> torch.Tensor:
     if key not in batch:
         raise KeyError(f"batch[{key!r}] is missing; it is needed because {why}")
@@ -61,8 +55,12 @@ def _require_key(batch: dict, key: str, why: str) -> torch.Tensor:
 
 
 class DiffusionForcingObjective:
-    def __init__(self, cfg: Config):
+    """``dp_group``: the data-parallel process group whose clips serve as lip-sync negatives
+    (``diffusion.lipsync_negatives: dp``); None = this micro batch only."""
+
+    def __init__(self, cfg: Config, dp_group: Optional[Any] = None):
         self.cfg = cfg
+        self.dp_group = dp_group if cfg.diffusion.lipsync_negatives == "dp" else None
         d = cfg.diffusion
         self.weights = {k: float(getattr(d, f"loss_{k}")) for k in LOSS_KEYS}
         for k, w in self.weights.items():
@@ -113,9 +111,10 @@ class DiffusionForcingObjective:
                           sigma_video_host=noise.sigma_video, frame_valid_host=frame_valid_host)
         if self.use_text and "text_emb" in batch:
             inputs["text_emb"] = batch["text_emb"]
+            inputs["text_drop"] = noise.text_drop.to(device)
 
         if struct0 is not None:
-            frame_of_token = struct_frame_of_token(f, cfg.model.vae_temporal_stride).to(device)
+            frame_of_token = Timeline.of(cfg.model).latent_of_video_frames(torch.arange(f)).to(device)
             if struct0.shape[1] != frame_of_token.numel():
                 raise ValueError(f"batch['struct']: {struct0.shape[1]} frames, but a window of {f} latent frames "
                                  f"holds {frame_of_token.numel()} video frames")
@@ -133,6 +132,7 @@ class DiffusionForcingObjective:
                 targets.flame_valid = batch.get("flame_valid")
         if self.use_audio:
             inputs["audio"] = _require_key(batch, "audio", "train.phase=4 with model.audio=true")
+            inputs["audio_drop"] = noise.audio_drop.to(device)
         return inputs, targets
 
     # ------------------------------------------------------------------------------------
@@ -160,8 +160,13 @@ class DiffusionForcingObjective:
             terms["flame"] = mean_from_sum_count(*masked_mse_sum_count(out.flame, targets.flame, valid))
         lip_a, lip_s = getattr(out, "lip_audio", None), getattr(out, "lip_struct", None)
         if w["lipsync"] > 0 and lip_a is not None and lip_s is not None:
+            # one positive per causal block: the block is what the model generates at once
             valid = targets.frame_valid_host if targets.frame_valid_host is not None else targets.frame_valid
-            terms["lipsync"] = info_nce(lip_a, lip_s, valid, self.cfg.diffusion.lipsync_temperature)
+            block = self.cfg.model.causal_block_size
+            lip_a, valid_blocks = pool_blocks(lip_a, valid, block)
+            lip_s, _ = pool_blocks(lip_s, valid, block)
+            terms["lipsync"] = info_nce(lip_a, lip_s, valid_blocks, self.cfg.diffusion.lipsync_temperature,
+                                        self.dp_group)
         if not terms:
             raise ValueError("losses: no loss term could be computed (model output lacks every weighted stream)")
 
@@ -172,8 +177,9 @@ class DiffusionForcingObjective:
             metrics.update(self._sigma_buckets(per_frame_mse(out.video.detach(), targets.video), targets))
         return loss, metrics
 
-    def _sigma_buckets(self, frame_loss: torch.Tensor, targets: Targets) -> dict[str, torch.Tensor]:
-        """Mean video loss per sigma bin over the valid frames (empty bins omitted), as device tensors;
+    def _sigma_buckets(self, frame_loss: torch.Tensor, targets: Targets) -> dict[str, Any]:
+        """Mean video loss per sigma bin over the valid frames (empty bins omitted), as device tensors, and
+        each bin's frame count (``frames_video_sigma_*``: the weight of its mean across micro batches);
         bin membership and counts come from the host copy of sigma (the same bins as ``sigma_bucket_stats``)."""
         nb = self.cfg.diffusion.sigma_buckets
         sigma = targets.sigma_video_host if targets.sigma_video_host is not None else targets.sigma_video.cpu()
@@ -183,8 +189,13 @@ class DiffusionForcingObjective:
         counts = member.sum((0, 1))
         sums = torch.einsum("bf,bfk->k", frame_loss.float(), member.to(frame_loss.device, non_blocking=True))
         edges = sigma_bucket_edges(nb).tolist()
-        return {bucket_metric_name(edges[k], edges[k + 1]): sums[k] / counts[k]
-                for k in range(nb) if counts[k] > 0}
+        out: dict[str, Any] = {}
+        for k in range(nb):
+            if counts[k] > 0:
+                name = bucket_metric_name(edges[k], edges[k + 1])
+                out[name] = sums[k] / counts[k]
+                out[bucket_count_name(name)] = float(counts[k])   # host: no device read
+        return out
 
 
 def metrics_to_floats(metrics: dict[str, Any]) -> dict[str, float]:

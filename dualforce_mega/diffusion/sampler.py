@@ -1,25 +1,31 @@
 """Sliding-window autoregressive sampler for DualForce (both towers, or the video tower alone).
 
-Generation of F latent frames (``ar_schedule`` defines chunks and passes):
+The sampler is the contract training is built to match (DESIGN §4); every rule below has its training
+counterpart named in brackets.
 
-1. Chunk 0 is block 0. Latent frame 0 is the given clean reference (sigma 0, pinned); with
-   ``causal_block_size`` 1 and a known reference motion (or no struct tower) block 0 is fully known
-   and only committed; otherwise its unknown parts (frames 1..k-1, and the struct token of video
-   frame 0 when no reference motion is given) are denoised like any chunk.
+1. Chunk 0 is block 0. Latent frame 0 is the given clean reference (sigma 0, pinned) [the clean
+   reference frame of every training window, a single-image encoding]. The struct token of video
+   frame 0 is pinned too: the reference image's motion, or the data mean when it is unknown [training
+   always gives it clean]; so with ``causal_block_size`` 1 block 0 is fully known and only committed.
 2. Every chunk starts from per-frame Gaussian noise (seeded by sample seed, stream and absolute
    frame index, so noise does not depend on chunking or on the history path) and runs the
-   pyramid passes: flow-matching Euler steps on the shifted ``inference_sigmas`` grid.
-3. A finished chunk is committed to the history (``history.py``): KV-cache writing pass, or
-   appended to the recomputed history. It is yielded at once, so callers can decode and write it
-   while later chunks are generated; with a rolling window, memory is bounded by the window.
-
-Classifier-free guidance on audio: ``v = v_u + cfg_audio * (v_c - v_u)`` for both towers. The
-unconditional branch drops the audio (``diffusion.cfg_uncond_audio``: ``none`` = no audio
-cross-attention at all, the model's unconditioned path, default; ``zeros`` = all-zero features).
-With ``cfg_audio == 1`` (or no audio) only the conditional branch runs.
-
-The struct stream is conditioned on ``kp_canonical`` (zeros when unknown). Its frames follow the
-video: the struct tokens of latent frame t are the video frames it covers and share its sigma.
+   pyramid passes: flow-matching Euler steps on the shifted ``inference_sigmas`` grid. The struct
+   sigma follows the video sigma through ``noise.struct_sigma_of`` when ``diffusion.struct_sigma`` is
+   ``tied`` (ablations ``sigma_s_*``) [the same function draws the training struct sigma]; its start is
+   then ``k * eps`` (the zero-mean data's expectation at sigma k).
+3. A finished chunk is committed to the history (``history.py``) at ``diffusion.sample_history_sigma``
+   [training shows clean / lightly noised history blocks, ``history_prob`` / ``history_sigma_max``]: KV-
+   cache writing pass, or appended to the recomputed history. It is yielded at once (clean), so callers
+   can decode and write it while later chunks are generated.
+4. Attention reaches back ``window_blocks`` blocks plus the sink, whose RoPE position is moved to sit
+   right before the window; the default window follows the training window (``data.window``), so no
+   query sees a larger latent-frame distance than a training window holds [``timeline.py``].
+5. Classifier-free guidance on audio: ``v = v_u + cfg_audio * (v_c - v_u)`` for both towers. The
+   unconditional branch is the model's dropped-audio form (``audio_drop``) [condition dropout,
+   ``diffusion.audio_drop_prob``: the same code path]. With ``cfg_audio == 1`` (or no audio) only the
+   conditional branch runs.
+6. Motion is standardised with the training statistics (``data/normalization.py``): reference motion and
+   canonical keypoints go in raw and are standardised here; generated motion comes out raw.
 """
 from __future__ import annotations
 
@@ -30,22 +36,23 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 
 from ..config import DiffusionConfig
+from ..data.normalization import Normalizer
 from ..models.dualforce import DualForceModel
-from ..models.layout import latent_frame_spans
 from ..models.static_kv_cache import StaticKVCache
+from ..timeline import Timeline, sampling_window_blocks
 from .ar_schedule import Chunk, block_of_frames, plan_chunks, pyramid_passes
-from .flow import euler_step
-from .history import CachedHistory, PassInputs, RecomputeHistory
+from .flow import add_noise, euler_step
+from .history import CachedHistory, Committed, PassInputs, RecomputeHistory
+from .noise import struct_sigma_of
 from .schedules import inference_sigmas
 from .static_forward import StaticForward
 
 log = logging.getLogger(__name__)
 
 History = Union[CachedHistory, RecomputeHistory]
-UNCOND_AUDIO = ("none", "zeros")
 # Odd 64-bit multiplier (golden ratio) that spreads (seed, frame, stream) over generator seeds.
 _SEED_MIX = 0x9E3779B97F4A7C15
-_STREAMS = {"video": 0, "struct": 1}
+_STREAMS = {"video": 0, "struct": 1, "video_history": 2, "struct_history": 3}
 
 
 @dataclass
@@ -54,8 +61,8 @@ class SampleInputs:
     num_latent: int                            # latent frames to produce, reference included
     seeds: Sequence[int]                       # one per sample
     audio: Optional[torch.Tensor] = None       # [B, A, audio_dim] from video frame 0, 2 per video frame
-    kp_canonical: Optional[torch.Tensor] = None  # [B, kp_dim]; zeros when unknown
-    ref_motion: Optional[torch.Tensor] = None    # [B, motion_dim] motion of video frame 0, if known
+    kp_canonical: Optional[torch.Tensor] = None  # [B, kp_dim] raw units; the data mean when unknown
+    ref_motion: Optional[torch.Tensor] = None    # [B, motion_dim] raw motion of video frame 0; the data mean when unknown
     text_emb: Optional[torch.Tensor] = None      # [B, L, text_dim]
 
 
@@ -64,7 +71,7 @@ class GeneratedChunk:
     start: int                                 # first latent frame
     end: int                                   # last latent frame + 1
     video: torch.Tensor                        # [B, C, end-start, h, w] clean latents
-    struct: Optional[torch.Tensor] = None      # [B, n, motion_dim] motion of the chunk's video frames
+    struct: Optional[torch.Tensor] = None      # [B, n, motion_dim] motion of the chunk's video frames (raw units)
     struct_start: int = 0                      # first video frame of ``struct``
 
 
@@ -78,24 +85,33 @@ class SamplerStats:
 
 def frame_noise(seed: int, stream: str, frame: int, shape: Sequence[int]) -> torch.Tensor:
     """Deterministic fp32 CPU noise for one latent frame of one stream of one sample."""
-    g = torch.Generator().manual_seed((seed * _SEED_MIX + 2 * frame + _STREAMS[stream]) % (1 << 63))
+    g = torch.Generator().manual_seed((seed * _SEED_MIX + len(_STREAMS) * frame + _STREAMS[stream]) % (1 << 63))
     return torch.randn(*shape, generator=g)
 
 
 class ARSampler:
     """``use_cache``: KV cache (else the recompute reference). ``static``: the cache is a preallocated
     ring buffer (``StaticKVCache``) and every chunk after the first runs one static-shape forward,
-    captured as CUDA graphs on GPU (``StaticForward``); memory stays flat as the video grows."""
+    captured as CUDA graphs on GPU (``StaticForward``); memory stays flat as the video grows.
+    ``training_window``: the training config's ``data.window`` (needed when ``cfg.window_blocks`` is -1,
+    the default). ``normalizer``: the training statistics of the motion streams (identity when None)."""
 
-    def __init__(self, model: DualForceModel, cfg: DiffusionConfig, use_cache: bool = True, static: bool = False):
-        if cfg.cfg_uncond_audio not in UNCOND_AUDIO:
-            raise ValueError(f"diffusion.cfg_uncond_audio={cfg.cfg_uncond_audio!r} is not one of {UNCOND_AUDIO}")
+    def __init__(self, model: DualForceModel, cfg: DiffusionConfig, use_cache: bool = True, static: bool = False,
+                 *, training_window: Optional[int] = None, normalizer: Optional[Normalizer] = None):
         self.model = model
         self.cfg = cfg
         self.use_cache = use_cache
         self.static = static and use_cache
         self._forwards: dict[str, StaticForward] = {}
         self._caches: dict[str, StaticKVCache] = {}
+        self.timeline = Timeline.of(model.cfg)
+        self.window_blocks = sampling_window_blocks(cfg.window_blocks, training_window, self.timeline)
+        reach = self.timeline.max_latent_distance(self.window_blocks)
+        if training_window is not None and (reach is None or reach > training_window - 1):
+            log.warning("diffusion.window_blocks=%d attends %s latent frames back; training windows of %d "
+                        "latent frames show at most %d", self.window_blocks,
+                        "unboundedly many" if reach is None else reach, training_window, training_window - 1)
+        self.normalizer = normalizer or Normalizer()
         self.stats = SamplerStats()
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
@@ -115,11 +131,11 @@ class ARSampler:
             raise ValueError(f"seeds: {len(inputs.seeds)} seeds for a batch of {b}")
         use_struct = self.model.struct is not None
         audio = self._audio(inputs.audio, b)
-        branches = ("cond", "uncond") if audio["cond"] is not None and d.cfg_audio != 1.0 else ("cond",)
-        kp = None
+        branches = ("cond", "uncond") if audio is not None and d.cfg_audio != 1.0 else ("cond",)
+        kp = ref_motion = None
         if use_struct:
-            kp = inputs.kp_canonical if inputs.kp_canonical is not None else torch.zeros(b, mcfg.kp_dim)
-            kp = kp.to(self.device, self.dtype)
+            kp = self._motion_input("kp_canonical", inputs.kp_canonical, b, mcfg.kp_dim)
+            ref_motion = self._motion_input("struct", inputs.ref_motion, b, mcfg.motion_dim)
         text = inputs.text_emb.to(self.device, self.dtype) if inputs.text_emb is not None else None
         history: History = self._history(inputs.num_latent, branches)
         sigmas = inference_sigmas(d.sample_steps, d.sample_shift)
@@ -128,28 +144,30 @@ class ARSampler:
         self.model.eval()
         try:
             for chunk in plan_chunks(inputs.num_latent, mcfg.causal_block_size, d.chunk_blocks):
-                xv, xs, pin_v, pin_s = self._init_chunk(chunk, inputs, ref, use_struct)
-                known = bool(pin_v.all()) and (xs is None or bool(pin_s.all()))
+                pin = chunk.frame_ids == 0   # the reference frame (and its motion): clean, never updated
+                xv, xs = self._init_chunk(chunk, inputs.seeds, ref, ref_motion, pin, float(sigmas[0]))
                 blocks = block_of_frames(chunk.frame_ids, mcfg.causal_block_size)
-                counts = self._struct_counts(chunk)
+                counts = self.timeline.video_counts(chunk.frame_ids)
                 n_blocks = int(blocks[-1]) + 1
-                passes = [] if known else pyramid_passes(n_blocks, sigmas, d.ar_step)
-                for sv, sv_next, ss, ss_next, ts, ts_next in self._schedule(passes, blocks, pin_v, pin_s, counts):
+                passes = [] if bool(pin.all()) else pyramid_passes(n_blocks, sigmas, d.ar_step)
+                for sv, sv_next, ss, ss_next, ts, ts_next in self._schedule(passes, blocks, pin, counts):
                     vel_v, vel_s = self._velocity(history, chunk, xv, sv, xs, ss, branches, audio, kp, text)
                     xv = euler_step(xv, vel_v, sv.view(1, 1, -1, 1, 1), sv_next.view(1, 1, -1, 1, 1))
                     if xs is not None:
                         xs = euler_step(xs, vel_s, ts.view(1, -1, 1), ts_next.view(1, -1, 1))
+                committed = self._history_form(chunk, inputs.seeds, xv, xs, pin, counts)
                 if history.needs_writing_pass:
-                    zero = torch.zeros(chunk.end - chunk.start, device=self.device)
-                    self._velocity(history, chunk, xv, zero, xs, zero if xs is not None else None, branches,
-                                   audio, kp, text, writing=True)
-                history.append(xv, xs)
+                    self._velocity(history, chunk, committed.video, committed.sigma_video[0], committed.struct,
+                                   None if xs is None else committed.sigma_struct[0], branches, audio, kp, text,
+                                   writing=True)
+                history.append(committed)
                 log.debug("chunk %d (latent frames %d..%d) done: %d model calls, history %d tokens",
                           chunk.index, chunk.start, chunk.end - 1, self.stats.model_calls, history.num_tokens())
                 self.stats.history_tokens.append(history.num_tokens())
                 self.stats.history_bytes.append(history.nbytes())
-                yield GeneratedChunk(chunk.start, chunk.end, xv, xs,
-                                     int(latent_frame_spans(chunk.frame_ids[:1], mcfg.vae_temporal_stride)[0, 0]))
+                motion = None if xs is None else self.normalizer.denormalize("struct", xs)
+                yield GeneratedChunk(chunk.start, chunk.end, xv, motion,
+                                     self.timeline.first_video_frame(chunk.start))
         finally:
             self.model.train(was_training)
 
@@ -161,81 +179,111 @@ class ARSampler:
         return video, struct
 
     # ------------------------------------------------------------------------------------
-    def _audio(self, audio: Optional[torch.Tensor], b: int) -> dict:
+    def _audio(self, audio: Optional[torch.Tensor], b: int) -> Optional[torch.Tensor]:
         if audio is None or not self.model.cfg.audio:
-            return {"cond": None, "uncond": None}
+            return None
         if audio.dim() != 3 or audio.shape[0] != b or audio.shape[2] != self.model.cfg.audio_dim:
             raise ValueError(f"audio: shape {tuple(audio.shape)} needs (batch={b}, frames, "
                              f"model.audio_dim={self.model.cfg.audio_dim})")
-        cond = audio.to(self.device, self.dtype)
-        uncond = torch.zeros_like(cond) if self.cfg.cfg_uncond_audio == "zeros" else None
-        return {"cond": cond, "uncond": uncond}
+        return audio.to(self.device, self.dtype)
 
-    def _struct_counts(self, chunk: Chunk) -> torch.Tensor:
-        spans = latent_frame_spans(chunk.frame_ids, self.model.cfg.vae_temporal_stride)
-        return spans[:, 1] - spans[:, 0] + 1
+    def _motion_input(self, name: str, raw: Optional[torch.Tensor], b: int, dim: int) -> torch.Tensor:
+        """A raw motion input [B, dim] standardised; the data mean (0 after standardisation) when unknown."""
+        what = {"struct": "ref_motion", "kp_canonical": "kp_canonical"}[name]
+        if raw is None:
+            log.warning("%s unknown: using the training data's mean (give the reference image's motion, e.g. "
+                        "from the motion extractor)", what)
+            return torch.zeros(b, dim, device=self.device)
+        if raw.shape != (b, dim):
+            raise ValueError(f"{what}: shape {tuple(raw.shape)} != (batch, {dim})")
+        return self.normalizer.normalize(name, raw.to(self.device, torch.float32))
 
-    def _init_chunk(self, chunk: Chunk, inputs: SampleInputs, ref: torch.Tensor, use_struct: bool):
-        """Noise for every frame of the chunk; the reference frame (and motion) pinned clean.
+    def _history(self, num_latent: int, branches: tuple[str, ...]) -> History:
+        window = self.window_blocks
+        if not self.use_cache:
+            return RecomputeHistory(window)
+        if not self.static:
+            return CachedHistory(window, branches)
+        # the caches and their captured forwards are kept across generations of the same geometry
+        blocks = 0 if window else self.timeline.num_blocks(num_latent)
+        caches = {}
+        for b in branches:
+            cache = self._caches.get(b)
+            if cache is None or (cache.window, cache.chunk_blocks, cache.capacity_blocks) != (
+                    window, self.cfg.chunk_blocks, blocks):
+                cache = self._caches[b] = StaticKVCache(window, self.cfg.chunk_blocks, blocks)
+            cache.reset()
+            caches[b] = cache
+            self._forwards.setdefault(b, StaticForward(self.model))
+        return CachedHistory(window, branches, caches)
+
+    def _schedule(self, passes: list, blocks: torch.Tensor, pin: torch.Tensor, counts: torch.Tensor) -> list:
+        """Per pass: (video sigma, next video sigma) per frame, the same for struct frames (coupled) and per
+        struct token -- one host-to-device copy per chunk, so no pass waits on the host. Pinned frames stay
+        at sigma 0."""
+        rows = []
+        for p in passes:
+            sv, sv_next = p.sigma[blocks].masked_fill(pin, 0.0), p.sigma_next[blocks].masked_fill(pin, 0.0)
+            ss, ss_next = self._struct_sigma(sv), self._struct_sigma(sv_next)
+            rows.append([sv, sv_next, ss, ss_next, ss.repeat_interleave(counts), ss_next.repeat_interleave(counts)])
+        return [[t.to(self.device, torch.float32) for t in row] for row in rows]
+
+    def _struct_sigma(self, sigma_video: torch.Tensor) -> torch.Tensor:
+        """The struct sigma that goes with a video sigma: tied as in training, else the same."""
+        return struct_sigma_of(sigma_video, self.cfg) if self.cfg.struct_sigma == "tied" else sigma_video
+
+    def _init_chunk(self, chunk: Chunk, seeds: Sequence[int], ref: torch.Tensor, ref_motion: Optional[torch.Tensor],
+                    pin: torch.Tensor, sigma_start: float) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Noise for every frame of the chunk; the reference frame (and its motion) pinned clean.
 
         The sampler state stays fp32 whatever the model dtype (the model casts its inputs), so
         low-precision velocities do not accumulate rounding over the Euler steps."""
         b, c, h, w = ref.shape
         ids = chunk.frame_ids.tolist()
         xv = torch.stack([torch.stack([frame_noise(s, "video", t, (c, h, w)) for t in ids], dim=1)
-                          for s in inputs.seeds]).to(self.device)
-        pin_v = chunk.frame_ids == 0
-        pin_s = torch.zeros_like(pin_v)
-        if pin_v[0]:
+                          for s in seeds]).to(self.device)
+        if pin[0]:
             xv[:, :, 0] = ref.to(self.device, torch.float32)
-        xs = None
-        if use_struct:
-            md = self.model.cfg.motion_dim
-            counts = self._struct_counts(chunk).tolist()
-            xs = torch.stack([torch.cat([frame_noise(s, "struct", t, (n, md)) for t, n in zip(ids, counts)])
-                              for s in inputs.seeds]).to(self.device)
-            if pin_v[0] and inputs.ref_motion is not None:
-                xs[:, 0] = inputs.ref_motion.to(self.device, torch.float32)
-                pin_s = pin_v.clone()
-        return xv, xs, pin_v, pin_s
+        if ref_motion is None:
+            return xv, None
+        md = self.model.cfg.motion_dim
+        counts = self.timeline.video_counts(chunk.frame_ids).tolist()
+        start = float(self._struct_sigma(torch.tensor(sigma_start)))
+        xs = start * torch.stack([torch.cat([frame_noise(s, "struct", t, (n, md)) for t, n in zip(ids, counts)])
+                                  for s in seeds]).to(self.device)
+        if pin[0]:
+            xs[:, 0] = ref_motion
+        return xv, xs
 
-    def _history(self, num_latent: int, branches: tuple[str, ...]) -> History:
-        d, mcfg = self.cfg, self.model.cfg
-        if not self.use_cache:
-            return RecomputeHistory(d.window_blocks)
-        if not self.static:
-            return CachedHistory(d.window_blocks, branches)
-        # the caches and their captured forwards are kept across generations of the same geometry
-        blocks = 0 if d.window_blocks else -(-num_latent // mcfg.causal_block_size)
-        caches = {}
-        for b in branches:
-            cache = self._caches.get(b)
-            if cache is None or (cache.window, cache.chunk_blocks, cache.capacity_blocks) != (
-                    d.window_blocks, d.chunk_blocks, blocks):
-                cache = self._caches[b] = StaticKVCache(d.window_blocks, d.chunk_blocks, blocks)
-            cache.reset()
-            caches[b] = cache
-            self._forwards.setdefault(b, StaticForward(self.model))
-        return CachedHistory(d.window_blocks, branches, caches)
+    def _history_form(self, chunk: Chunk, seeds: Sequence[int], xv: torch.Tensor, xs: Optional[torch.Tensor],
+                      pin: torch.Tensor, counts: torch.Tensor) -> Committed:
+        """The finished chunk as later chunks see it: at the history sigma, pinned frames clean."""
+        b, c, f, h, w = xv.shape
+        ids = chunk.frame_ids.tolist()
+        sv = torch.full((f,), self.cfg.sample_history_sigma).masked_fill(pin, 0.0)
+        eps = torch.stack([torch.stack([frame_noise(s, "video_history", t, (c, h, w)) for t in ids], dim=1)
+                           for s in seeds]).to(self.device)
+        video = add_noise(xv, eps, self._per_frame(sv, xv))
+        struct = ss = None
+        if xs is not None:
+            ss = self._struct_sigma(sv)
+            md = xs.shape[-1]
+            eps = torch.stack([torch.cat([frame_noise(s, "struct_history", t, (n, md)) for t, n in zip(ids, counts.tolist())])
+                               for s in seeds]).to(self.device)
+            struct = add_noise(xs, eps, self._per_token(ss, counts, xs))
+            ss = ss.expand(b, f)
+        return Committed(video, sv.expand(b, f), struct, ss)
 
-    def _schedule(self, passes: list, blocks: torch.Tensor, pin_v: torch.Tensor, pin_s: torch.Tensor,
-                  counts: torch.Tensor) -> torch.Tensor:
-        """Per pass: (video sigma, next video sigma) per frame, the same for struct frames and per struct
-        token -- one host-to-device copy per chunk, so no pass waits on the host. Pinned (known) frames
-        stay at sigma 0."""
-        if not passes:
-            return []
-        rows = []
-        for p in passes:
-            sv, sv_next = p.sigma[blocks], p.sigma_next[blocks]
-            ss, ss_next = sv.masked_fill(pin_s, 0.0), sv_next.masked_fill(pin_s, 0.0)
-            rows.append([sv.masked_fill(pin_v, 0.0), sv_next.masked_fill(pin_v, 0.0), ss, ss_next,
-                         ss.repeat_interleave(counts), ss_next.repeat_interleave(counts)])
-        return [[t.to(self.device, torch.float32) for t in row] for row in rows]
+    def _per_frame(self, sigma: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return sigma.to(self.device, like.dtype).view(1, 1, -1, 1, 1)
+
+    def _per_token(self, sigma: torch.Tensor, counts: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return sigma.repeat_interleave(counts).to(self.device, like.dtype).view(1, -1, 1)
 
     def _velocity(self, history: History, chunk: Chunk, xv: torch.Tensor, sv: torch.Tensor,
                   xs: Optional[torch.Tensor], ss: Optional[torch.Tensor], branches: tuple[str, ...],
-                  audio: dict, kp, text, writing: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+                  audio: Optional[torch.Tensor], kp, text, writing: bool = False
+                  ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Guided velocity of the chunk's frames; the same call for both history paths."""
         b, f = xv.shape[0], xv.shape[2]
         sv_b = sv.to(self.device, torch.float32).expand(b, f)
@@ -247,11 +295,13 @@ class ARSampler:
             cache = history.cache(branch)
             if cache is not None:
                 cache.writing = writing
+            # the unconditional branch is the dropped-audio form training's condition dropout uses
+            drop = None if audio is None else torch.full((b,), branch == "uncond", device=self.device)
             forward = self._forwards[branch] if self.static else self.model
             try:
                 out = forward(inp.video, inp.sigma_video, struct=inp.struct, sigma_struct=inp.sigma_struct,
-                                 kp_canonical=kp, audio=audio[branch], text_emb=text, frame_ids=inp.frame_ids,
-                                 window_blocks=inp.window_blocks, cache=cache)
+                              kp_canonical=kp, audio=audio, text_emb=text, frame_ids=inp.frame_ids,
+                              window_blocks=inp.window_blocks, cache=cache, audio_drop=drop)
             finally:
                 if cache is not None:
                     cache.writing = False
@@ -264,11 +314,4 @@ class ARSampler:
                      for c, u in zip(outs["cond"], outs["uncond"]))
 
 
-def num_latent_frames(num_video: int, stride: int) -> int:
-    """Latent frames needed for ``num_video`` video frames: 1 + ceil((N-1)/stride)."""
-    if num_video < 1:
-        raise ValueError(f"frames={num_video}: need at least one video frame")
-    return 1 + -(-(num_video - 1) // stride)
-
-
-__all__ = ["ARSampler", "SampleInputs", "GeneratedChunk", "SamplerStats", "frame_noise", "num_latent_frames"]
+__all__ = ["ARSampler", "SampleInputs", "GeneratedChunk", "SamplerStats", "frame_noise"]

@@ -24,8 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from ..models.dualforce import DualForceModel, DualForceOutput
-from ..models.layout import Layout, audio_window_index, build_layout, latent_frame_spans
+from ..models.layout import Layout, audio_window_index, build_layout
 from ..models.static_kv_cache import StaticKVCache
+from ..timeline import Timeline
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +100,9 @@ class StaticForward:
             return self._chunk
         cfg = self.model.cfg
         layout = build_layout(cfg, frame_ids, grid_hw, use_struct, window, torch.device("cpu"))
-        ratio = cfg.audio_rate // cfg.fps
-        spans = latent_frame_spans(frame_ids, cfg.vae_temporal_stride)
+        tl = Timeline.of(cfg)
+        ratio = tl.audio_per_video_frame
+        spans = tl.spans(frame_ids)
         first, last = int(spans[0, 0]), int(spans[-1, 1])
         start = (first - cfg.audio_context) * ratio
         width = (last - first + 1 + 2 * cfg.audio_context) * ratio
@@ -126,7 +128,7 @@ class StaticForward:
                  sigma_struct: Optional[torch.Tensor] = None, kp_canonical: Optional[torch.Tensor] = None,
                  audio: Optional[torch.Tensor] = None, text_emb: Optional[torch.Tensor] = None,
                  frame_ids: Optional[torch.Tensor] = None, window_blocks: int = 0,
-                 cache: Optional[StaticKVCache] = None) -> DualForceOutput:
+                 cache: Optional[StaticKVCache] = None, audio_drop: Optional[torch.Tensor] = None) -> DualForceOutput:
         if not isinstance(cache, StaticKVCache):
             raise ValueError("StaticForward: needs a StaticKVCache")
         model = self.model
@@ -137,7 +139,7 @@ class StaticForward:
                               audio.shape[1] if audio is not None else 0)
         inputs = dict(video_latent=video, sigma_video=sigma_video, struct=struct, sigma_struct=sigma_struct,
                       kp_canonical=kp_canonical, audio=self._audio_slice(audio, chunk.audio_start, chunk.audio_width),
-                      text_emb=text_emb)
+                      text_emb=text_emb, audio_drop=audio_drop)
         if cache is not self._cache:  # buffers of another cache: state and graphs start over
             self._cache, self._signature, self._graphs, self._outputs = cache, None, {}, {}
         steady = bool(cache.rings) and 0 not in chunk.key[0]

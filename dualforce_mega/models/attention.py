@@ -4,6 +4,11 @@ Every token carries a block id; a query sees a key iff ``key_block <= query_bloc
 rolling window of W blocks, ``key_block > query_block - W`` unless the key is in a sink block).
 Tokens are sorted by block id in every stream, which the fused backend relies on.
 
+With a window, the sink keys (already rotated by RoPE at their own positions) are rotated further so
+that, for a query in block i, the sink sits right before the query's window (``sink_step`` per block,
+``timeline.sink_offset_blocks``): no query sees a larger RoPE distance than a training window holds.
+Queries are then attended in groups that share the sink's position (``_moved_sink_attention``).
+
 Backends
   sdpa   dense boolean mask through ``F.scaled_dot_product_attention`` — the reference.
   flex   FlexAttention with a ``BlockMask`` built once per mask layout (cached).
@@ -25,6 +30,9 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from ..timeline import sink_offset_blocks
+from .rope import apply_rope
+
 log = logging.getLogger(__name__)
 
 # Block id given to padding tokens: larger than any real block, so no real query ever sees them.
@@ -40,6 +48,9 @@ class MaskSpec:
     window: int = 0          # 0 = unbounded history
     sink: int = 1            # blocks [0, sink) stay visible under a window
     key: tuple = field(default=())  # hashable description of the layout, for mask caches
+    # [D/2] RoPE angles that move a key one block later in time; with a window, the sink keys seen by
+    # a query in block i are moved by timeline.sink_offset_blocks(i) blocks (None: sink stays put)
+    sink_step: Optional[torch.Tensor] = None
 
     def allowed(self) -> torch.Tensor:
         """Dense boolean [Lq, Lk] mask (the reference definition)."""
@@ -53,7 +64,10 @@ class MaskSpec:
     def with_prefix_keys(self, prefix_blocks: torch.Tensor, tag: tuple) -> "MaskSpec":
         """The same queries over ``[cached keys, current keys]`` (KV-cache inference)."""
         return MaskSpec(self.q_blocks, torch.cat([prefix_blocks, self.k_blocks]), self.window,
-                        self.sink, self.key + tag)
+                        self.sink, self.key + tag, self.sink_step)
+
+    def moves_sink(self) -> bool:
+        return self.window > 0 and self.sink_step is not None
 
 
 # --------------------------------------------------------------------------------------
@@ -267,6 +281,30 @@ _IMPL = {"sdpa": sdpa_block_attention, "flex": flex_block_attention, "flash": fl
          "merged": merged_attention}
 
 
+def _moved_sink_attention(q, k, v, spec: MaskSpec, impl: Callable) -> torch.Tensor:
+    """Attention with the sink keys moved before each query's window (see the module doc).
+
+    Query blocks are sorted, so queries whose sink moves by the same number of blocks are contiguous;
+    each such group attends to the keys with the sink part rotated by that many ``sink_step``s."""
+    offsets = sink_offset_blocks(spec.q_blocks, spec.window, spec.sink)
+    sink_end = int((spec.k_blocks < spec.sink).sum())
+    plain = MaskSpec(spec.q_blocks, spec.k_blocks, spec.window, spec.sink, spec.key)
+    if sink_end == 0 or int(offsets.max()) == 0:
+        return impl(q, k, v, plain)
+    values, counts = torch.unique_consecutive(offsets, return_counts=True)
+    outs, start = [], 0
+    for offset, count in zip(values.tolist(), counts.tolist()):
+        kk = k
+        if offset:
+            angles = (offset * spec.sink_step).to(k.device).expand(sink_end, -1)
+            kk = torch.cat([apply_rope(k[:, :sink_end], angles), k[:, sink_end:]], dim=1)
+        group = MaskSpec(spec.q_blocks[start:start + count], spec.k_blocks, spec.window, spec.sink,
+                         spec.key + ("sink_moved", offset, start, count) if spec.key else ())
+        outs.append(impl(q[:, start:start + count], kk, v, group))
+        start += count
+    return torch.cat(outs, dim=1)
+
+
 @torch.compiler.disable
 def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: MaskSpec,
                     backend: str = "auto") -> torch.Tensor:
@@ -276,4 +314,6 @@ def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Mas
     backend is its own fused kernel (flex compiles itself), and their host-side planning (mask and
     prefix-plan caches keyed on the layout) belongs outside a graph."""
     name = resolve_backend(backend, q)
+    if spec.moves_sink():
+        return _moved_sink_attention(q, k, v, spec, _IMPL[name])
     return _IMPL[name](q, k, v, spec)

@@ -8,12 +8,13 @@ on each side, so a frame never sees audio beyond that window.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn as nn
 
 from ..config import ModelConfig
-from .blocks import Attention
+from .blocks import Attention, sample_mask
 from .layers import FP32LayerNorm, TokenGroups
 
 
@@ -25,11 +26,15 @@ class AudioProjector(nn.Sequential):
 
 @dataclass
 class AudioContext:
-    """Projected audio [B, A, dim] and, for each query group, its window of audio frames."""
+    """Projected audio [B, A, dim] and, for each query group, its window of audio frames.
+
+    ``keep`` [B] bool (None = all): a sample with keep False is the dropped form (its audio branch adds
+    nothing) — training's audio dropout and CFG's unconditional branch both run it."""
     feats: torch.Tensor
     index: torch.Tensor   # [G, Wa] audio frame per window slot (clamped into range)
     valid: torch.Tensor   # [G, Wa] slot inside the window and inside the clip
     groups: TokenGroups   # query token -> group
+    keep: Optional[torch.Tensor] = None
 
 
 def audio_windows(spans: torch.Tensor, ratio: int, context: int, num_audio: int
@@ -53,7 +58,7 @@ class AudioCrossAttention(nn.Module):
         self.gate = nn.Parameter(torch.zeros(1))
 
     def forward(self, x: torch.Tensor, audio: AudioContext) -> torch.Tensor:
-        q = self.attn.project_q(self.norm(x))                    # [B, L, H, D]
+        q = self.attn.project_q(self.norm(x).to(self.gate.dtype))  # [B, L, H, D]
         k, v = self.attn.project_kv(audio.feats)                 # [B, A, H, D]
         idx = audio.index.to(x.device)
         valid = audio.valid.to(x.device)
@@ -88,7 +93,8 @@ class AudioCrossAttention(nn.Module):
             keep = any_valid[tok][None].expand(b, l)
         out = torch.nn.functional.scaled_dot_product_attention(
             qg.transpose(1, 2), kg.transpose(1, 2), vg.transpose(1, 2), attn_mask=mask)
-        out = out.transpose(1, 2).reshape(b, -1, h * d) * keep.unsqueeze(-1).to(q.dtype)
-        out = out[:, lead:lead + l]
-        y = self.attn.o(out)
+        out = out.transpose(1, 2).reshape(b, -1, h * d)
+        # groups without audio in range add nothing at all (not even the output projection's bias)
+        y = self.attn.o(out) * keep.unsqueeze(-1).to(out.dtype)
+        y = sample_mask(audio.keep, y[:, lead:lead + l])
         return (x.float() + torch.tanh(self.gate.float()) * y.float()).to(x.dtype)

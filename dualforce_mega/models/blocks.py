@@ -5,6 +5,7 @@ Parameter names follow Wan2.1 (``self_attn.q``, ``norm_q``, ``cross_attn``, ``no
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Protocol
 
 import torch
@@ -15,6 +16,27 @@ from .attention import MaskSpec, block_attention, dense_attention
 from .kv_cache import KVCache
 from .layers import FeedForward, FP32LayerNorm, RMSNorm, TokenGroups
 from .rope import apply_rope
+
+
+# rows of the 6-row AdaLN modulation (shift, scale, gate for attention; shift, scale, gate for the FFN)
+# that gate a residual branch: zero at initialisation (AdaLN-Zero), so every block starts as identity
+GATE_ROWS = (2, 5)
+MODULATION_ROWS = 6
+
+
+@dataclass
+class TextContext:
+    """Text embeddings [B, L, dim] and which samples keep them ([B] bool; None = all). A dropped sample
+    skips the text cross-attention: the form training's text dropout and text-free generation share."""
+    emb: torch.Tensor
+    keep: Optional[torch.Tensor] = None
+
+
+def sample_mask(keep: Optional[torch.Tensor], y: torch.Tensor) -> torch.Tensor:
+    """``y`` [B, ...] with the rows of dropped samples (``keep`` False) zeroed; ``y`` when keep is None."""
+    if keep is None:
+        return y
+    return y * keep.to(device=y.device, dtype=y.dtype).view(-1, *([1] * (y.dim() - 1)))
 
 
 class SequenceParallelAttend(Protocol):
@@ -83,7 +105,9 @@ class Attention(nn.Module):
 
 class DiTBlock(nn.Module):
     """norm1 -> self-attn (AdaLN-gated); norm3 -> text cross-attn; gated audio cross-attn;
-    norm2 -> GELU(tanh) FFN (AdaLN-gated). Modulation: learned (1,6,dim) table + per-frame e0, fp32."""
+    norm2 -> GELU(tanh) FFN (AdaLN-gated). Modulation: learned (1,6,dim) table + per-frame e0, fp32.
+
+    The residual stream ``x`` is fp32 (as in Wan); each branch computes in the parameters' dtype."""
 
     def __init__(self, cfg: ModelConfig, text: bool, audio: bool):
         super().__init__()
@@ -100,21 +124,24 @@ class DiTBlock(nn.Module):
         self.audio_attn = AudioCrossAttention(cfg) if audio else None
         self.norm2 = FP32LayerNorm(dim, eps=cfg.eps, elementwise_affine=False)
         self.ffn = FeedForward(dim, cfg.ffn_dim)
-        self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim ** 0.5)
+        table = torch.randn(1, MODULATION_ROWS, dim) / dim ** 0.5
+        table[:, list(GATE_ROWS)] = 0.0
+        self.modulation = nn.Parameter(table)
         self.activation_checkpointing = False   # recompute in the backward (set by parallel.parallelize)
 
     def forward(self, x: torch.Tensor, e0: torch.Tensor, groups: TokenGroups, angles: torch.Tensor,
-                spec: MaskSpec, text: Optional[torch.Tensor] = None, audio=None,
+                spec: MaskSpec, text: Optional[TextContext] = None, audio=None,
                 cache: Optional[KVCache] = None) -> torch.Tensor:
-        """x [B, L, dim]; e0 [B, G, 6, dim] per-frame modulation; returns x in its dtype."""
+        """x [B, L, dim] fp32 residual stream; e0 [B, G, 6, dim] per-frame modulation."""
         mod = self.modulation.float().unsqueeze(0) + e0  # [B, G, 6, dim]
         shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = mod.unbind(2)
-        dtype = x.dtype
+        dtype = self.modulation.dtype
         h = groups.modulate(self.norm1(x), shift_a, scale_a).to(dtype)
         x = groups.gated_add(x, self.self_attn(h, q_angles=angles, k_angles=angles, spec=spec, cache=cache),
                              gate_a)
         if self.cross_attn is not None and text is not None:
-            x = x + self.cross_attn(self.norm3(x), context=text)
+            y = self.cross_attn(self.norm3(x).to(dtype), context=text.emb)
+            x = x + sample_mask(text.keep, y).float()
         if self.audio_attn is not None and audio is not None:
             x = self.audio_attn(x, audio)
         h = groups.modulate(self.norm2(x), shift_f, scale_f).to(dtype)
@@ -135,4 +162,4 @@ class Head(nn.Module):
     def forward(self, x: torch.Tensor, e: torch.Tensor, groups: TokenGroups) -> torch.Tensor:
         mod = self.modulation.float().unsqueeze(0) + e.unsqueeze(2)  # [B, G, 2, dim]
         shift, scale = mod.unbind(2)
-        return self.head(groups.modulate(self.norm(x), shift, scale).to(x.dtype))
+        return self.head(groups.modulate(self.norm(x), shift, scale).to(self.modulation.dtype))

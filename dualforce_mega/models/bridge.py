@@ -37,9 +37,10 @@ class BridgeLayer(nn.Module):
     def forward(self, xv: torch.Tensor, xs: torch.Tensor, ang_v: torch.Tensor, ang_s: torch.Tensor,
                 spec_vs: MaskSpec, spec_sv: MaskSpec, cache: Optional[KVCache] = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        nv, ns = self.norm_video(xv), self.norm_struct(xs)
+        dtype = self.norm_video.weight.dtype
+        nv, ns = self.norm_video(xv).to(dtype), self.norm_struct(xs).to(dtype)
         dv = self.s2v(nv, context=ns, q_angles=ang_v, k_angles=ang_s, spec=spec_vs, cache=cache)
         if self.v2s is not None:
             ds = self.v2s(ns, context=nv, q_angles=ang_s, k_angles=ang_v, spec=spec_sv, cache=cache)
-            xs = xs + ds
-        return xv + dv, xs
+            xs = xs + ds.float()
+        return xv + dv.float(), xs

@@ -14,7 +14,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig, validate_model
 from .audio import AudioContext
-from .blocks import Attention
+from .blocks import Attention, TextContext
 from .bridge import BridgeLayer
 from .heads import AuxHeads
 from .kv_cache import KVCache
@@ -127,7 +127,9 @@ class DualForceModel(nn.Module):
                 kp_canonical: Optional[torch.Tensor] = None, audio: Optional[torch.Tensor] = None,
                 text_emb: Optional[torch.Tensor] = None, frame_ids: Optional[torch.Tensor] = None,
                 window_blocks: int = 0, cache: Optional[KVCache] = None,
-                return_aux: bool = False, layout: Optional[Layout] = None) -> DualForceOutput:
+                return_aux: bool = False, layout: Optional[Layout] = None,
+                audio_drop: Optional[torch.Tensor] = None, text_drop: Optional[torch.Tensor] = None
+                ) -> DualForceOutput:
         """
         video_latent [B, C, F, H, W] noisy latents; sigma_video [B, F] per latent frame.
         struct [B, N, 70] noisy motion, N = video frames of the F latent frames; sigma_struct [B, F].
@@ -135,6 +137,9 @@ class DualForceModel(nn.Module):
         frame_ids [F] absolute latent-frame indices (default 0..F-1), on CPU.
         layout: the ``build_layout`` of these frames, prebuilt (static-shape inference builds it outside
         a captured graph); default: built here.
+        audio_drop / text_drop [B] bool: the condition is dropped for that sample (its cross-attention
+        adds nothing) — the form of condition dropout in training and of CFG's unconditional branch.
+        The residual streams are fp32; every layer computes in its parameters' dtype.
         """
         cfg = self.cfg
         b, _, f = video_latent.shape[:3]
@@ -155,10 +160,14 @@ class DualForceModel(nn.Module):
             if cache is not None or layout is not None:
                 raise ValueError("cache / layout: KV-cache inference does not run sequence-parallel")
             xv, grid, layout = self._embed_shard(video_latent, frame_ids, use_struct, window, sp)
+        xv = xv.float()
         e_v, e0_v = self.video.modulation(sigma_video)
-        text = self.video.text_embedding(text_emb.to(xv.dtype)) \
-            if text_emb is not None and self.video.text_embedding is not None else None
-        audio_v = self._audio_context(self.video, layout.video, audio)
+        text = None
+        if text_emb is not None and self.video.text_embedding is not None:
+            emb = self.video.text_embedding(text_emb.to(self.video.text_embedding[0].weight.dtype))
+            text = TextContext(emb, None if text_drop is None else ~text_drop.bool())
+        audio_keep = None if audio_drop is None else ~audio_drop.bool()
+        audio_v = self._audio_context(self.video, layout.video, audio, audio_keep)
         spec_vv = layout.spec("video", "video")
 
         xs = e_s = audio_s = None
@@ -169,9 +178,9 @@ class DualForceModel(nn.Module):
                                  f"for latent frames {frame_ids.tolist()}")
             sigma_struct = sigma_video if sigma_struct is None else sigma_struct
             kp = self.struct.keypoint_condition(kp_canonical) if kp_canonical is not None else None
-            xs = self.struct.embed(struct)
+            xs = self.struct.embed(struct).float()
             e_s, e0_s = self.struct.modulation(sigma_struct, kp)
-            audio_s = self._audio_context(self.struct, layout.struct, audio)
+            audio_s = self._audio_context(self.struct, layout.struct, audio, audio_keep)
             specs = (layout.spec("struct", "struct"), layout.spec("video", "struct"), layout.spec("struct", "video"))
 
         # per-block activation checkpointing (``block.activation_checkpointing``, set by parallel.parallelize)
@@ -221,8 +230,8 @@ class DualForceModel(nn.Module):
             x = torch.cat([x, x.new_zeros(x.shape[0], shard.length - shard.real, x.shape[2])], dim=1)
         return x, grid, layout
 
-    def _audio_context(self, tower, stream: StreamLayout, audio: Optional[torch.Tensor]
-                       ) -> Optional[AudioContext]:
+    def _audio_context(self, tower, stream: StreamLayout, audio: Optional[torch.Tensor],
+                       keep: Optional[torch.Tensor]) -> Optional[AudioContext]:
         if audio is None or tower.audio_projector is None:
             return None
         if audio.shape[-1] != self.cfg.audio_dim:
@@ -230,4 +239,4 @@ class DualForceModel(nn.Module):
         feats = tower.audio_projector(audio.to(tower.audio_projector[0].weight.dtype))
         # computed on the host from the layout's spans (no device read), or prebuilt by static-shape inference
         index, valid = stream.audio_window or audio_window_index(self.cfg, stream, audio.shape[1])
-        return AudioContext(feats, index.to(feats.device), valid.to(feats.device), stream.audio_groups)
+        return AudioContext(feats, index.to(feats.device), valid.to(feats.device), stream.audio_groups, keep)

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from ..config import ModelConfig
+from ..timeline import Timeline
 from .audio import audio_windows
 
 
@@ -42,7 +43,7 @@ class AuxHeads(nn.Module):
         per_frame = torch.einsum("bnd,nf->bfd", x0[..., :self.expr_dims], member)
         out.lip_struct = self.lip_struct(per_frame.to(dtype))
         if audio is not None:
-            idx, valid = audio_windows(layout.video.audio_spans, self.cfg.audio_rate // self.cfg.fps, 0,
+            idx, valid = audio_windows(layout.video.audio_spans, Timeline.of(self.cfg).audio_per_video_frame, 0,
                                        audio.shape[1])
             idx, valid = idx.to(audio.device), valid.to(audio.device)
             win = audio[:, idx].float() * valid[None, :, :, None]            # [B, F, Wa, Da]

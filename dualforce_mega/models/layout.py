@@ -4,9 +4,9 @@ Everything here is derived from the absolute latent-frame indices of the input a
 so training (frames 0..F-1), KV-cache chunks (frames t0..t0+c-1) and the sliding-window
 reference all share one definition.
 
-Time alignment: latent frame 0 holds video frame 0; latent frame t >= 1 holds video frames
-``s*t - s + 1 .. s*t`` (s = VAE temporal stride, 4). The struct stream has one token per video
-frame; its block id is the block of the latent frame holding that video frame.
+Time alignment (``dualforce_mega.timeline``): latent frame 0 holds video frame 0; latent frame t >= 1
+holds video frames ``s*t - s + 1 .. s*t`` (s = VAE temporal stride, 4). The struct stream has one token
+per video frame; its block id is the block of the latent frame holding that video frame.
 """
 from __future__ import annotations
 
@@ -16,21 +16,11 @@ from typing import Optional
 import torch
 
 from ..config import ModelConfig
+from ..timeline import Timeline
 from .attention import PAD_BLOCK, MaskSpec
 from .audio import audio_windows
 from .layers import TokenGroups
 from .rope import rope_angles, video_axis_dims, video_positions
-
-
-def latent_frame_spans(frame_ids: torch.Tensor, stride: int) -> torch.Tensor:
-    """Inclusive video-frame span [F, 2] of each latent frame."""
-    end = frame_ids * stride
-    start = torch.where(frame_ids == 0, torch.zeros_like(end), end - stride + 1)
-    return torch.stack([start, end], dim=-1)
-
-
-def num_video_frames(num_latent: int, stride: int) -> int:
-    return 1 + stride * (num_latent - 1) if num_latent > 0 else 0
 
 
 @dataclass
@@ -42,6 +32,8 @@ class StreamLayout:
     audio_spans: torch.Tensor     # [G_audio, 2] video-frame span per audio group
     audio_groups: TokenGroups     # token -> audio group
     key: tuple                    # hashable description (mask caches)
+    sink_step: torch.Tensor       # [head_dim/2] ``angles`` of one causal block of time (moves the sink)
+    bridge_sink_step: torch.Tensor  # [head_dim/2] the same for ``bridge_angles``
     # precomputed (index, valid) audio windows (``audio_window_index``) into the audio the forward
     # receives; None = computed from ``audio_spans`` by the forward (static-shape inference sets them)
     audio_window: Optional[tuple[torch.Tensor, torch.Tensor]] = None
@@ -52,7 +44,7 @@ class StreamLayout:
         audio_groups = groups if self.audio_groups is self.groups else self.audio_groups.to(device)
         return StreamLayout(self.blocks.to(device), groups, self.angles.to(device),
                             self.bridge_angles.to(device), self.audio_spans, audio_groups, self.key,
-                            self.audio_window)
+                            self.sink_step.to(device), self.bridge_sink_step.to(device), self.audio_window)
 
 
 @dataclass(frozen=True)
@@ -111,7 +103,11 @@ class Layout:
         """
         qb, qkey = self._side(q, full=(q == k))
         kb, kkey = self._side(k, full=True)
-        return MaskSpec(qb, kb, self.window, self.sink, key=(q, k) + qkey + kkey)
+        step = None
+        if self.window > 0:
+            keys = getattr(self, k)
+            step = keys.sink_step if q == k else keys.bridge_sink_step
+        return MaskSpec(qb, kb, self.window, self.sink, key=(q, k) + qkey + kkey, sink_step=step)
 
 
 def shard_video(layout: Layout, rank: int, size: int) -> Layout:
@@ -137,6 +133,8 @@ def shard_video(layout: Layout, rank: int, size: int) -> Layout:
         audio_spans=v.audio_spans,
         audio_groups=groups if v.audio_groups is v.groups else v.audio_groups.narrow(start, length),
         key=v.key + ("sp", rank, size),
+        sink_step=v.sink_step,
+        bridge_sink_step=v.bridge_sink_step,
     )
     return Layout(layout.frame_ids, video, layout.struct, layout.window, layout.sink, shard=shard,
                   video_full_blocks=full_blocks, video_full_key=v.key + ("padded", shard.padded))
@@ -152,13 +150,18 @@ def build_layout(cfg: ModelConfig, frame_ids: torch.Tensor, grid_hw: tuple[int, 
     f = ids.numel()
     h, w = grid_hw
     hw = h * w
+    tl = Timeline.of(cfg)
     cbs = cfg.causal_block_size
     hd = cfg.head_dim
-    latent_block = ids // cbs
-    spans = latent_frame_spans(ids, cfg.vae_temporal_stride)
+    latent_block = tl.block_of(ids)
+    spans = tl.spans(ids)
     id_key = tuple(frame_ids.tolist())
 
     frames = TokenGroups.uniform(f, hw, host)  # one group per latent frame, for sigma and audio alike
+    # RoPE angles of one causal block of time: in latent frames for video and both bridge directions,
+    # in video frames for the struct self-attention (its positions are video frames)
+    block_t = torch.tensor([[cbs, 0, 0]])
+    latent_step = rope_angles(torch.tensor([cbs]), (hd,), cfg.rope_theta)[0]
     video = StreamLayout(
         blocks=latent_block.repeat_interleave(hw),
         groups=frames,
@@ -167,12 +170,13 @@ def build_layout(cfg: ModelConfig, frame_ids: torch.Tensor, grid_hw: tuple[int, 
         audio_spans=spans,
         audio_groups=frames,
         key=("v", id_key, hw, cbs),
+        sink_step=rope_angles(block_t, video_axis_dims(hd), cfg.rope_theta)[0],
+        bridge_sink_step=latent_step,
     )
     struct = None
     if with_struct:
-        counts = spans[:, 1] - spans[:, 0] + 1
-        frame_of_token = torch.arange(f).repeat_interleave(counts)
-        vframe = torch.cat([torch.arange(int(s), int(e) + 1) for s, e in spans.tolist()])
+        frame_of_token = tl.latent_of_video_frames(ids)
+        vframe = tl.video_frame_ids(ids)
         n = vframe.numel()
         struct = StreamLayout(
             blocks=latent_block[frame_of_token],
@@ -182,10 +186,12 @@ def build_layout(cfg: ModelConfig, frame_ids: torch.Tensor, grid_hw: tuple[int, 
             audio_spans=torch.stack([vframe, vframe], dim=-1),
             audio_groups=TokenGroups.uniform(n, 1, host),
             key=("s", id_key, cbs),
+            sink_step=rope_angles(torch.tensor([cbs * tl.stride]), (hd,), cfg.rope_theta)[0],
+            bridge_sink_step=latent_step,
         ).to(device)
     return Layout(ids, video.to(device), struct, window_blocks, sink=1)
 
 
 def audio_window_index(cfg: ModelConfig, stream: StreamLayout, num_audio: int
                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    return audio_windows(stream.audio_spans, cfg.audio_rate // cfg.fps, cfg.audio_context, num_audio)
+    return audio_windows(stream.audio_spans, Timeline.of(cfg).audio_per_video_frame, cfg.audio_context, num_audio)

@@ -14,7 +14,10 @@ Per attention layer one buffer of keys / values, positions laid out as
 * tail: the current chunk's K/V, written at every call.
 
 A block id per position (``PAD_BLOCK`` = empty, never visible) gives the mask, computed on the device
-from ``MaskSpec``'s rule, so one dense SDPA call over the whole buffer is exact. Committing a chunk (a
+from ``MaskSpec``'s rule, so one dense SDPA call over the whole buffer is exact. With a window the sink
+is moved before each query block's window (``attention`` module doc): the call's keys then start with
+``chunk_blocks`` copies of the sink, copy j rotated for the chunk's j-th query block and visible to it
+alone (static shapes, offsets computed on the device). Committing a chunk (a
 writing pass) scatters its K/V and block ids into their ring slots with device-side indices: no host
 synchronisation after the buffers exist. The buffers are allocated by the first call of the first
 chunk after the sink chunk (eager, before any capture). ``reset`` empties the cache for a new
@@ -28,7 +31,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ..timeline import sink_offset_blocks
 from .attention import PAD_BLOCK, MaskSpec, block_attention
+from .rope import apply_rope
 
 
 @dataclass
@@ -86,12 +91,30 @@ class StaticKVCache:
         ring.v[:, t0:t0 + n].copy_(v)
         ring.blocks[t0:t0 + n].copy_(spec.k_blocks)
         end = t0 + n
+        keys, values = ring.k[:, :end], ring.v[:, :end]
         allowed = MaskSpec(spec.q_blocks, ring.blocks[:end], spec.window, spec.sink).allowed()
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), ring.k[:, :end].transpose(1, 2),
-                                             ring.v[:, :end].transpose(1, 2), attn_mask=allowed)
+        if spec.moves_sink():
+            keys, values, allowed = self._moved_sink(ring, keys, values, allowed, spec)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
+                                             attn_mask=allowed)
         if self.writing:
             self._commit(ring, k, v, spec.k_blocks)
         return out.transpose(1, 2)
+
+    def _moved_sink(self, ring: _Ring, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor,
+                    spec: MaskSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Keys ``[sink copy 0 .. sink copy C-1 | ring | tail]``: copy j is the sink rotated for query block
+        ``q_blocks[0] + j`` and seen by that block alone (C = chunk_blocks; unused copies stay masked)."""
+        s, c = ring.sink_tokens, self.chunk_blocks
+        b, _, h, d = keys.shape
+        copy_blocks = spec.q_blocks[:1] + torch.arange(c, device=keys.device)                       # [C]
+        offsets = sink_offset_blocks(copy_blocks, spec.window, spec.sink).to(spec.sink_step.dtype)
+        angles = (offsets[:, None] * spec.sink_step.to(keys.device)[None, :]).repeat_interleave(s, dim=0)
+        sink_k = apply_rope(keys[:, :s].repeat(1, c, 1, 1), angles)
+        sink_v = values[:, :s].repeat(1, c, 1, 1)
+        sees_copy = spec.q_blocks[:, None] == copy_blocks.repeat_interleave(s)[None, :]
+        return (torch.cat([sink_k, keys[:, s:]], dim=1), torch.cat([sink_v, values[:, s:]], dim=1),
+                torch.cat([sees_copy & allowed[:, :1], allowed[:, s:]], dim=1))
 
     def _store_sink(self, name: str, ring: Optional[_Ring], k: torch.Tensor, v: torch.Tensor,
                     k_blocks: torch.Tensor) -> None:

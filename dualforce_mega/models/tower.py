@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from ..config import ModelConfig
 from .audio import AudioProjector
-from .blocks import DiTBlock, Head
+from .blocks import GATE_ROWS, DiTBlock, Head
 from .layers import embed_sigma, init_linear, sigma_embedding_modules
 
 
@@ -23,11 +23,18 @@ class Tower(nn.Module):
         self.head = Head(cfg.dim, out_dim, cfg.eps)
 
     def init_weights(self) -> None:
-        """Wan's scheme: xavier linears, N(0, 0.02) sigma MLP; the head stays zero."""
+        """Wan's scheme: xavier linears, N(0, 0.02) sigma MLP; the head stays zero; AdaLN-Zero: the
+        projection rows that produce the residual gates are zero, so every gate is exactly 0 at init."""
         init_linear(self)
         for m in self.time_embedding.modules():
             if isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, std=0.02)
+        proj = self.time_projection[1]
+        dim = self.cfg.dim
+        with torch.no_grad():
+            for row in GATE_ROWS:
+                proj.weight[row * dim:(row + 1) * dim].zero_()
+                proj.bias[row * dim:(row + 1) * dim].zero_()
         nn.init.zeros_(self.head.head.weight)
         nn.init.zeros_(self.head.head.bias)
 

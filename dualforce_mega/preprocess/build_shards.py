@@ -24,6 +24,7 @@ from ..config import ModelConfig
 from ..data.schema import GENDERS, SPLITS, to_storage
 from ..data.shard_writer import INDEX_NAME, ShardWriter
 from ..fsutil import atomic_write
+from ..timeline import Timeline
 from .config import PrepareConfig
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ def clip_meta(rec: dict, source_info: dict, quality: dict, step_meta: dict[str, 
     flame = step_meta.get("05_flame", {})
     return {
         "key": rec["key"], "fps": rec["fps"], "num_latent_frames": num_latent, "num_video_frames": n,
-        "num_audio_frames": n * (model.audio_rate // model.fps), "source_dataset": str(source_info.get("dataset", "raw")),
+        "num_audio_frames": n * Timeline.of(model).audio_per_video_frame, "source_dataset": str(source_info.get("dataset", "raw")),
         "subject": subject_of(rec["input_id"], source_info), "split": split, "gender": gender_of(source_info),
         "quality": {k: float(v) for k, v in quality.items()}, "source_file": rec["source_file"],
         "time_range": [float(t) for t in rec["time_range"]], "crop_box": rec["crop_box"], "crop_size": rec["size"],

@@ -28,6 +28,7 @@ from typing import Optional
 import numpy as np
 
 from ..fsutil import atomic_write
+from ..timeline import Timeline
 from . import face as facelib
 from .config import ClipConfig
 from .video_io import ClipWriter, MediaError, decode_audio, iter_frames, probe, read_wav, write_wav
@@ -108,8 +109,9 @@ class ClipPlan:
 
 
 def trim_length(n: int, stride: int) -> int:
-    """Largest ``1 + stride * k <= n`` (0 when n < 1)."""
-    return 0 if n < 1 else 1 + stride * ((n - 1) // stride)
+    """Largest ``1 + stride * k <= n`` (0 when n < 1): the video frames of the latent frames within n."""
+    tl = Timeline(stride=stride)
+    return 0 if n < 1 else tl.video_frames(tl.latent_frames_within(n))
 
 
 def split_run(start: int, end: int, cfg: ClipConfig, stride: int) -> list[tuple[int, int]]:

@@ -27,7 +27,7 @@ import shutil
 import signal
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -93,8 +93,10 @@ class CheckpointManager:
         return tag_dir / f"rank_state_{rank:05d}.pt"
 
     # ------------------------------------------------------------------ save
-    def save(self, engine: Any, step: int, client_state: dict[str, Any], rank_state: dict[str, Any]) -> Path:
-        """Collective: every rank calls it. Returns the final tag directory."""
+    def save(self, engine: Any, step: int, client_state: dict[str, Any], rank_state: dict[str, Any],
+             write_extra: Optional[Callable[[Path], None]] = None) -> Path:
+        """Collective: every rank calls it. Returns the final tag directory. ``write_extra(tag_dir)`` adds
+        this rank's own files (e.g. its EMA shard) before the tag is published."""
         tag = tag_for(step)
         tmp_tag = f"{TMP_PREFIX}{tag}"
         tmp_dir, final_dir = self.root / tmp_tag, self.root / tag
@@ -109,6 +111,8 @@ class CheckpointManager:
             rank_file = self._rank_file(tmp_dir, self.rank)
             torch.save(rank_state, rank_file.with_suffix(".partial"))
             os.replace(rank_file.with_suffix(".partial"), rank_file)
+            if write_extra is not None:
+                write_extra(tmp_dir)
         except (OSError, RuntimeError) as e:
             if not is_write_error(e):     # e.g. a collective inside DeepSpeed's save timed out
                 raise

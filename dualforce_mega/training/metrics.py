@@ -10,6 +10,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from ..diffusion.losses import BUCKET_COUNT_PREFIX, BUCKET_LOSS_PREFIX, bucket_count_name
 from ..diffusion.objective import metrics_to_floats
 from ..fsutil import atomic_write
 
@@ -17,8 +18,10 @@ log = logging.getLogger(__name__)
 
 
 class MetricAccumulator:
-    """(sum, count) per metric name, so keys missing on some micro batches (e.g. an empty sigma bucket,
-    reported as NaN or absent) average over the micro batches that have them.
+    """(sum, weight) per metric name, so keys missing on some micro batches (e.g. an empty sigma bucket,
+    reported as NaN or absent) average over the micro batches that have them. A sigma-bucket loss is
+    weighted by its frame count (``frames_video_sigma_*``, which is summed): the step's value is the mean
+    over all frames in the bucket, not a mean of per-micro-batch means.
 
     Metrics may be floats or 0-dim device tensors: tensors are summed on their device (NaN skipped
     there too) and read only in ``reduce``, so accumulating never waits for the device."""
@@ -32,28 +35,30 @@ class MetricAccumulator:
 
     def add(self, metrics: dict[str, Any], tokens: int, sample_ids: list[int]) -> None:
         for key, value in metrics.items():
+            summed = key.startswith(BUCKET_COUNT_PREFIX)
+            weight = float(metrics.get(bucket_count_name(key), 1.0)) if key.startswith(BUCKET_LOSS_PREFIX) else 1.0
             if isinstance(value, torch.Tensor):
                 v = value.detach().float().reshape(())
                 ok = ~torch.isnan(v)
-                value, count = torch.where(ok, v, torch.zeros_like(v)), ok.to(torch.int64)
+                value, count = torch.where(ok, v, torch.zeros_like(v)), ok.to(torch.float32)
             else:
                 value = float(value)
                 if math.isnan(value):
                     continue
-                count = 1
-            self.sums[key] = self.sums.get(key, 0.0) + value
-            self.counts[key] = self.counts.get(key, 0) + count
+                count = 1.0
+            self.sums[key] = self.sums.get(key, 0.0) + (value if summed else value * weight)
+            self.counts[key] = self.counts.get(key, 0.0) + (0.0 if summed else count * weight)
         self.tokens += tokens
         self.samples += len(sample_ids)
         self.sample_ids.extend(sample_ids)
 
-    def _local(self) -> tuple[dict[str, float], dict[str, int]]:
-        """Sums and counts as Python numbers (one device read); metrics never seen are dropped."""
+    def _local(self) -> tuple[dict[str, float], dict[str, float]]:
+        """Sums and weights as Python numbers (one device read); metrics never seen are dropped."""
         keys = list(self.sums)
         floats = metrics_to_floats({k: self.sums[k] for k in keys})
         counts = metrics_to_floats({k: self.counts[k] for k in keys})
-        kept = [k for k in keys if counts[k] > 0]
-        return {k: floats[k] for k in kept}, {k: int(counts[k]) for k in kept}
+        kept = [k for k in keys if counts[k] > 0 or k.startswith(BUCKET_COUNT_PREFIX)]
+        return {k: floats[k] for k in kept}, {k: counts[k] for k in kept}
 
     def reduce(self) -> dict[str, Any]:
         """Collective over the world: mean of every metric over all micro batches of all ranks."""
@@ -63,7 +68,7 @@ class MetricAccumulator:
             parts = [None] * dist.get_world_size()
             dist.all_gather_object(parts, local)
         sums: dict[str, float] = {}
-        counts: dict[str, int] = {}
+        counts: dict[str, float] = {}
         out: dict[str, Any] = {"tokens": 0, "samples": 0, "sample_ids": []}
         for p_sums, p_counts, p_tokens, p_samples, p_ids in parts:
             for key, value in p_sums.items():
@@ -73,7 +78,8 @@ class MetricAccumulator:
             out["samples"] += p_samples
             out["sample_ids"].extend(p_ids)
         out["sample_ids"].sort()
-        out.update({key: sums[key] / counts[key] for key in sorted(sums)})
+        out.update({key: sums[key] if key.startswith(BUCKET_COUNT_PREFIX) else sums[key] / counts[key]
+                    for key in sorted(sums)})
         return out
 
 

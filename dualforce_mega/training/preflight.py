@@ -99,6 +99,8 @@ def preflight(config: Optional[str], overrides: list[str], world_size: int) -> t
     cfg = load_config(config, overrides)
     if isinstance(cfg, Config):
         cfg = apply_phase(cfg)
+        if cfg.train.init_from and not Path(cfg.train.init_from).exists():
+            raise ConfigError(f"train.init_from: {cfg.train.init_from} does not exist")
     recipe = recipe_for(cfg)
     dp, accum = check_world(cfg, world_size)
     recipe.check(cfg, world_size)

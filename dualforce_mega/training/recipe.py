@@ -36,15 +36,13 @@ from ..parallel.groups import Groups
 class DualForceRecipe:
     name = "dualforce"
     derived_keys: tuple[str, ...] = ()      # model keys the recipe fills in from the data (none)
+    dp_group: Any = None                    # set by ``parallelize``: the data-parallel group
 
     def known_steps(self, cfg: Config) -> Optional[int]:
         return cfg.train.steps
 
     def check(self, cfg: Config, world: int) -> None:
         from .preflight import check_shards
-        if cfg.train.ema_decay > 0:
-            raise ConfigError(f"train.ema_decay: {cfg.train.ema_decay} asks for EMA weights, which the trainer "
-                              "does not keep yet; set it to 0")
         check_shards(cfg)
 
     def prepare(self, cfg: Config, rank: int) -> Config:
@@ -61,11 +59,16 @@ class DualForceRecipe:
         DeepSpeed's world-average of gradients is exact), device and dtype, FP8 where it pays,
         activation checkpointing, regional compilation."""
         from ..parallel.parallelize import parallelize
+        import torch.distributed as dist
+        # lip-sync negatives come from every clip of the data-parallel group (None: the world is that group)
+        self.dp_group = groups.dp_group or (dist.group.WORLD if groups.dp_size > 1 else None)
         return parallelize(model, cfg, device, dtype, groups.sp_group, world=groups.dp_size * groups.sp_size).fp8
 
     def objective(self, cfg: Config, device: torch.device) -> Any:
+        """The objective; after ``parallelize`` (the trainer) its lip-sync negatives span the data-parallel
+        group, otherwise (one process) the micro batch."""
         from ..diffusion.objective import DiffusionForcingObjective
-        return DiffusionForcingObjective(cfg)
+        return DiffusionForcingObjective(cfg, self.dp_group)
 
     def model_kwargs(self, cfg: Config) -> dict[str, Any]:
         return {"return_aux": True}

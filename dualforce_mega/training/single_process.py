@@ -19,7 +19,9 @@ import torch
 from ..config import Config, add_config_arguments, config_from_args
 from ..data.schema import ShardSchema
 from ..data.synthetic import make_synthetic_clip
-from ..data.windowing import slice_window
+from ..data.normalization import Normalizer, parse_fields
+from ..data.norm_stats import FieldStats
+from ..data.windowing import reference_position, slice_window, window_starts
 from ..diffusion.noise import mix_seed
 from ..diffusion.objective import metrics_to_floats
 from ..models import DualForceModel
@@ -29,6 +31,14 @@ from .schedule import lr_factor
 from .step import TorchUpdater, TrainStep
 
 log = logging.getLogger(__name__)
+
+
+def clip_normalizer(clips: Sequence[tuple[dict[str, torch.Tensor], dict]], cfg: Config) -> Normalizer:
+    """The statistics a shard set of these clips would carry (``data.normalize`` fields), as the loader uses them."""
+    stats = FieldStats()
+    for tensors, _ in clips:
+        stats.update(tensors)
+    return Normalizer.from_stats(stats.to_json(), parse_fields(cfg.data.normalize), source="synthetic clips")
 
 
 def collate(samples: Sequence[dict[str, torch.Tensor]], keys: Sequence[str], indices: Sequence[int]) -> dict:
@@ -53,15 +63,18 @@ def window_batches(clips: Sequence[tuple[dict[str, torch.Tensor], dict]], cfg: C
     window = cfg.data.window
     schema = ShardSchema.from_model(cfg.model)
     keep_text = cfg.model.text_dim > 0
+    normalizer = clip_normalizer(clips, cfg)
     index = 0
     while True:
         samples, keys, indices = [], [], []
         for _ in range(batch_size):
             g = torch.Generator().manual_seed(mix_seed(cfg.data.seed, index))
             tensors, meta = clips[int(torch.randint(len(clips), (1,), generator=g))]
-            frames = tensors["video_latent"].shape[1]
-            t0 = int(torch.randint(frames - window + 1, (1,), generator=g))
-            samples.append(slice_window(tensors, t0, window, schema, keep_text))
+            starts = window_starts(tensors["video_latent"].shape[1], window, tensors.get("ref_positions"))
+            t0 = starts[int(torch.randint(len(starts), (1,), generator=g))]
+            refs = tensors.get("ref_positions", torch.tensor([t0])).tolist()
+            ref = reference_position(cfg.data.seed, index, meta.get("key", ""), t0, refs, cfg.data.ref_elsewhere_prob)
+            samples.append(normalizer.apply(slice_window(tensors, t0, window, schema, keep_text, ref)))
             keys.append(f"{meta.get('key', index)}@{t0}")
             indices.append(index)
             index += 1

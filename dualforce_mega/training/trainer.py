@@ -19,6 +19,8 @@ from ..models import DualForceModel
 from ..parallel.deepspeed_config import build_deepspeed_config, build_optimizer, grad_accum_steps, resolve_precision
 from ..parallel.groups import Groups
 from .checkpoint import CheckpointManager, Resumed
+from .ema import ShardedEMA
+from .init_from import init_from, log_report, restore_fp32_master, write_report
 from .metrics import MetricAccumulator, MetricsWriter
 from .monitor import GpuMonitor, StepClock, datasheet_peak_flops, measure_peak_flops, memory_mb, mfu
 from .recipe import recipe_for
@@ -56,8 +58,19 @@ class Trainer:
         self.dtype = _DTYPES[self.precision]
         self.accum = grad_accum_steps(cfg, groups.dp_size)
 
+        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.train.keep_last, rank, world_size)
+
         torch.manual_seed(cfg.train.seed)   # identical initial weights on every rank before ZeRO partitions them
         model = self.recipe.build_model(cfg)
+        # staged training: a fresh run starts from train.init_from (a resumed run from its own checkpoint)
+        self.init_report = None
+        if cfg.train.init_from and self.checkpoints.latest_tag() is None:
+            self.init_report = init_from(model, cfg.train.init_from, cfg.train.init_from_ema)
+            log_report(self.init_report)
+            if rank == 0:
+                write_report(self.init_report, self.run_dir)
+        elif cfg.train.init_from:
+            log.info("train.init_from=%s ignored: resuming from %s", cfg.train.init_from, self.checkpoints.root)
         # SP, device and dtype, FP8, activation checkpointing, compilation (DualForce: parallel.parallelize),
         # before the optimizer exists (FP8 backends may replace parameters)
         self.fp8 = self.recipe.parallelize(model, cfg, device, self.dtype, groups)
@@ -67,10 +80,14 @@ class Trainer:
             lr_scheduler=lambda opt: build_lr_scheduler(opt, cfg.train), dist_init_required=False)
         if self.sup is not None:   # DeepSpeed skips updates with a non-finite gradient norm (ZeRO >= 1, bf16)
             self.sup.attach(self.engine.zero_optimization_stage() >= 1 or self.engine.bfloat16_enabled(), 0)
+        if self.init_report is not None and self.dtype != torch.float32:
+            # the optimizer's fp32 master weights were made from the low-precision copy: restore them
+            restore_fp32_master(self.engine.module, self.init_report, cfg.train.init_from_ema)
+        self.ema = ShardedEMA(list(self.engine.module.named_parameters()), cfg.train.ema_decay, rank, world_size) \
+            if cfg.train.ema_decay > 0 else None
         self.step = TrainStep(cfg, self.engine, DeepSpeedUpdater(self.engine), device, self.dtype, self.fp8,
                               self.recipe, loss_hook=self.sup.loss_hook if self.sup is not None else None)
         self.objective = self.step.objective
-        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.train.keep_last, rank, world_size)
         self.data = self.recipe.feed(cfg, groups.dp_rank, groups.dp_size, self.accum)
         self.gpu = GpuMonitor(device)
         self.peak_flops: Optional[float] = None
@@ -96,6 +113,8 @@ class Trainer:
         restore_rng(resumed.rank_state["rng"])
         if self.sup is not None and self.sup.guard is not None:
             self.sup.guard.total = int(resumed.client_state.get("nonfinite_steps", 0))
+        if self.ema is not None:
+            self.ema.load(self.checkpoints.root / resumed.tag)
         log.info("resuming %s at step %d", self.run_dir, resumed.step)
         return resumed.step
 
@@ -106,7 +125,8 @@ class Trainer:
             self.sup.saving(step)
             if self.sup.guard is not None:
                 client_state["nonfinite_steps"] = self.sup.guard.total
-        self.checkpoints.save(self.engine, step, client_state=client_state, rank_state=rank_state)
+        self.checkpoints.save(self.engine, step, client_state=client_state, rank_state=rank_state,
+                              write_extra=self.ema.save if self.ema is not None else None)
 
     # ------------------------------------------------------------------ loop
     def _micro_batches(self, clock: StepClock) -> Iterator[dict[str, Any]]:
@@ -126,6 +146,8 @@ class Trainer:
             if self.rank == 0 else None
         if start >= cfg.train.steps:
             log.info("nothing to do: checkpoint step %d >= train.steps=%d", start, cfg.train.steps)
+        if start == cfg.train.steps == 0:
+            self._save(0)   # train.steps=0: the initialised model (e.g. after train.init_from) as checkpoint step 0
         self.engine.train()
         clock = StepClock(self.device)
         # ranks of one sequence-parallel group share a sample: count its data once
@@ -136,6 +158,8 @@ class Trainer:
             lr = self.scheduler.get_last_lr()[0]
             acc = MetricAccumulator()
             self.step(self._micro_batches(clock), step, acc, count=owner)
+            if self.ema is not None and self.engine.was_step_applied():   # a skipped step changed no weight
+                self.ema.update()
             clock.tick()
             if self.flops_per_sample is None and self.step.last is not None:
                 self.flops_per_sample = self.recipe.flops_per_sample(cfg, self.step.last.inputs)
@@ -166,7 +190,7 @@ class Trainer:
             return
         step_time = timing["step_time_s"]
         record: dict[str, Any] = {"step": step}
-        record.update({k: v for k, v in reduced.items() if k.startswith("loss")})
+        record.update({k: v for k, v in reduced.items() if k.startswith(("loss", "frames_"))})
         record.update({
             "lr": lr,
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
