@@ -54,7 +54,10 @@ def _env() -> dict[str, str]:
 
 def _args(run_dir: Path, shards: str = "") -> list[str]:
     args = ["--set", f"run.dir={run_dir}", "--set", f"train.steps={STEPS}", "--set", f"train.save_every={SAVE_EVERY}",
-            "--set", f"train.keep_last={STEPS}", "--set", "run.log_samples=true", "--set", "run.tensorboard=false"]
+            "--set", f"train.keep_last={STEPS}", "--set", "run.log_samples=true", "--set", "run.tensorboard=false",
+            # lip-sync negatives from the micro batch only: gathered over the data-parallel group they tie the
+            # loss to the number of ranks, and these runs are compared across world sizes
+            "--set", "diffusion.lipsync_negatives=local"]
     return args + (["--set", f"data.shards={shards}"] if shards else [])
 
 
