@@ -204,15 +204,22 @@ def test_feed_resume_continues_the_stream(synthetic_cfg) -> None:
 def test_close_stops_loader_workers_mid_read_ahead(tmp_path) -> None:
     """With worker processes and a batch being read ahead, close() leaves no worker behind and none
     failed: workers left to interpreter exit die mid-read and torch reports 'DataLoader worker exited
-    unexpectedly' after every run (seen with data.workers=2)."""
+    unexpectedly' after every run (seen with data.workers=2); workers are forked from the main thread."""
     import multiprocessing
+    import os
+    import threading
 
     base = {"train": {"global_batch": 2, "micro_batch": 1}, "data": {"synthetic_clips": 8, "synthetic_shards": 4}}
     write_synthetic_shards(tmp_path, build_config(base))
     cfg = build_config({"train": base["train"], "data": {"shards": str(tmp_path), "workers": 2}})
+    forks: list[str] = []      # the thread of every fork (workers forked from the read-ahead thread hang at exit)
+    os.register_at_fork(before=lambda: forks.append(threading.current_thread().name))
     feed = GlobalBatchFeed(cfg, 0, 1, grad_accum_steps(cfg, 1), prefetch=True)
     feed.next(0)
+    feed._ahead[1].result()
     assert feed._ahead is not None and multiprocessing.active_children()
+    assert forks and set(forks) == {threading.main_thread().name}
+    forks.clear()
     feed.close()
     assert feed._ahead is None and multiprocessing.active_children() == []
 

@@ -103,8 +103,7 @@ class ShardLoader:
         return self
 
     def __next__(self) -> dict[str, Any]:
-        if self._loader_iter is None:
-            self._start()
+        self.start()
         assert self._loader_iter is not None
         batch = next(self._loader_iter)
         sid, epoch, in_epoch, counters = batch.pop("__stream__")
@@ -118,6 +117,11 @@ class ShardLoader:
         self._delivered_batches += 1
         self._delivered_samples += b
         return batch
+
+    def start(self) -> None:
+        """Start the worker processes (if not running) from the current state; ``next`` does it lazily."""
+        if self._loader_iter is None:
+            self._start()
 
     def _start(self) -> None:
         offset = (self._delivered_batches - self._rr_base) % self.spec.num_streams

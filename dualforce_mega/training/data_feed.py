@@ -60,6 +60,9 @@ class GlobalBatchFeed:
             batch = self._read(micro)
         if self._pool is not None:
             nxt = (micro + 1) % len(self.iters)
+            # workers are forked here, in the main thread: a fork from the read-ahead thread while the
+            # main thread holds locks (compilation, logging) leaves workers that cannot exit cleanly
+            self.loaders[nxt].start()
             # no read is running now: the stream's state can be taken before the thread advances it
             self._ahead = (nxt, self._pool.submit(self._read, nxt), self.loaders[nxt].state_dict())
         return batch
