@@ -255,3 +255,23 @@ def test_wrapper_prefix_is_stripped_and_mixed_layouts_refused(tmp_path):
     save_file(mixed, str(tmp_path / "mixed.safetensors"))
     with pytest.raises(ValueError, match="cannot tell the checkpoint layout"):
         import_wan_state(tmp_path / "mixed.safetensors", cfg_for(2))
+
+
+def test_import_output_starts_a_phase2_model_through_init_from(tmp_path):
+    """Wan import -> Phase 2 (``train.init_from=<import dir>``): every video-tower weight of the Phase 2
+    model is the imported one; the import's other modules are reported as ignored, nothing as new."""
+    from dualforce_mega.models import DualForceModel
+    from dualforce_mega.training.init_from import init_from
+
+    src = tmp_path / "wan_diffusers"
+    write_state_dict(src, {k: v.contiguous() for k, v in tiny_wan_diffusers().state_dict().items()},
+                     max_bytes=64 * 1024, base=WAN_BASENAME)
+    out = tmp_path / "imported"
+    assert import_main([str(src), str(out), "--preset", "tiny", "--layers", "2"]) == 0
+    imported = read_state_dict(out)
+    phase2 = DualForceModel(cfg_for(2, "train.phase=2", "model.struct_tower=false", "model.audio=false").model)
+    report = init_from(phase2, str(out))
+    assert not report.new and set(report.loaded) == set(phase2.state_dict())
+    assert set(report.ignored) == set(imported) - set(phase2.state_dict())   # struct tower, audio layers, ...
+    for name, t in phase2.state_dict().items():
+        assert torch.equal(t, imported[name]), name
