@@ -19,6 +19,7 @@ mkdir -p "$FINAL"
 START=$SECONDS
 S17="${GPU17_BUDGET_S:-250}"     # gpu_17.sh's part timeouts sum to 250 s
 S16="${GPU16_BUDGET_S:-270}"
+TOTAL_S="${GPU_SESSION_S:-575}"   # the device call's limit (600 s) less the time to archive the logs
 
 if (( ${#DRY[@]} == 0 )) && ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -29,10 +30,16 @@ export PYTHON="${PYTHON:-$(command -v python3 || command -v python)}"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>/dev/null
 echo "# wheels installed after $((SECONDS - START)) s"
 
-OUT="$WORK/g17" timeout --kill-after=10 $((S17 + 40)) bash benchmarks/gpu_17.sh "${DRY[@]}"
+# the logs come back even if the device call is cut off: copy them into $FINAL as they grow
+( while sleep 10; do cp "$WORK/g17/gpu17.log" "$WORK/g16/gpu16.log" "$FINAL/" 2>/dev/null; done ) &
+COPIER=$!
+OUT="$WORK/g17" timeout --kill-after=5 $((S17 + 15)) bash benchmarks/gpu_17.sh "${DRY[@]}"
 echo "# gpu_17 finished after $((SECONDS - START)) s"
-OUT="$WORK/g16" BUDGET_S="$S16" timeout --kill-after=10 $((S16 + 40)) bash benchmarks/gpu_16.sh "${DRY[@]}"
-echo "# gpu_16 finished after $((SECONDS - START)) s"
+LEFT=$(( TOTAL_S - (SECONDS - START) - 15 ))
+S16=$(( S16 < LEFT ? S16 : LEFT ))
+OUT="$WORK/g16" BUDGET_S="$S16" timeout --kill-after=5 $((S16 + 15)) bash benchmarks/gpu_16.sh "${DRY[@]}"
+echo "# gpu_16 finished after $((SECONDS - START)) s (budget ${S16} s)"
+kill "$COPIER" 2>/dev/null
 
 # the few files that come back: both logs, both summaries, and everything else as one archive
 cp "$WORK/g17/gpu17.log" "$WORK/g16/gpu16.log" "$FINAL/" 2>/dev/null
