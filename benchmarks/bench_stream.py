@@ -9,6 +9,10 @@ Rows (all the same sampler semantics; the three paths agree to rounding):
   static     ``StaticKVCache`` + ``StaticForward``: chunk forward captured once (CUDA graphs), replayed
   recompute  the reference: the whole history re-run every pass (merged attention: no recompiles)
 
+With ``--cfg-audio`` != 1 each path runs once per ``--cfg-modes`` entry: ``batched`` (both guidance
+branches as one forward of batch 2B, one cache; the default) and ``two-call`` (a forward of batch B per
+branch, a cache each; rows named ``<path> two-call``), and the batched / two-call speed-up is printed.
+
 ``fps`` counts generated video frames per second of sampling (reference chunk included, VAE decode
 excluded); ``first frame`` is the time from the start of sampling to the first generated chunk's
 latents (after warm-up: model load, kernel selection, graph capture); ``KV MiB`` the largest cache.
@@ -78,6 +82,13 @@ def time_generation(sampler: ARSampler, inputs: SampleInputs, device: torch.devi
                first, max(stats.history_bytes) / 2 ** 20), chunk.video
 
 
+CFG_MODES = {"batched": True, "two-call": False}   # --cfg-modes entry -> diffusion.cfg_batched
+
+
+def row_name(path: str, mode: str) -> str:
+    return path if mode == "batched" else f"{path} {mode}"
+
+
 def run_path(name: str, model: DualForceModel, cfg: DiffusionConfig, hw: tuple[int, int], num_latent: int,
              device: torch.device, **sampler_kw) -> tuple[Row, torch.Tensor]:
     sampler = ARSampler(model, cfg, **sampler_kw)
@@ -102,6 +113,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--window-blocks", type=int, default=4)
     p.add_argument("--chunk-blocks", type=int, default=1)
     p.add_argument("--cfg-audio", type=float, default=1.0, help="1 = no guidance (one branch)")
+    p.add_argument("--cfg-modes", default="batched",
+                   help=f"with --cfg-audio != 1: comma list of {'/'.join(CFG_MODES)}, each path runs per mode")
     p.add_argument("--latent-frames", type=int, default=9, help="clip length for cached / static")
     p.add_argument("--recompute-frames", type=int, default=5, help="clip length for recompute (O(L^2))")
     p.add_argument("--paths", default="cached,static,recompute")
@@ -112,6 +125,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         args.preset, args.latent_hw, args.steps, args.latent_frames, args.recompute_frames = "tiny", [4, 4], 1, 4, 3
         torch.set_num_threads(1)  # tiny shapes: one thread is fastest
     args.paths = [x for x in args.paths.split(",") if x]
+    args.cfg_modes = [x for x in args.cfg_modes.split(",") if x] if args.cfg_audio != 1.0 else ["batched"]
+    unknown = set(args.cfg_modes) - set(CFG_MODES)
+    if unknown:
+        p.error(f"--cfg-modes: unknown {sorted(unknown)}; choose from {list(CFG_MODES)}")
     return args
 
 
@@ -123,33 +140,45 @@ def main(argv: Optional[list[str]] = None) -> None:
     with torch.device(device):
         model = DualForceModel(model_preset(args.preset)).to(dtype).eval()
     hw = tuple(args.latent_hw)
-    cfg = DiffusionConfig(sample_steps=args.steps, chunk_blocks=args.chunk_blocks, window_blocks=args.window_blocks,
-                          cfg_audio=args.cfg_audio)
+    cfgs = {m: DiffusionConfig(sample_steps=args.steps, chunk_blocks=args.chunk_blocks,
+                               window_blocks=args.window_blocks, cfg_audio=args.cfg_audio, cfg_batched=CFG_MODES[m])
+            for m in args.cfg_modes}
     print(f"# streaming generation — {device_name(device)}, {str(dtype).replace('torch.', '')}, preset {args.preset}, "
           f"latent {hw[0]}x{hw[1]}, {args.steps} steps, window {args.window_blocks} blocks, "
-          f"chunk {args.chunk_blocks} block(s), cfg_audio {args.cfg_audio}", flush=True)
+          f"chunk {args.chunk_blocks} block(s), cfg_audio {args.cfg_audio} ({'/'.join(args.cfg_modes)})", flush=True)
     kw = {"cached": dict(use_cache=True), "static": dict(static=True), "recompute": dict(use_cache=False)}
     rows, last = [], {}
-    for name in args.paths:
-        length = args.recompute_frames if name == "recompute" else args.latent_frames
-        try:
-            row, last[name] = run_path(name, model, cfg, hw, length, device, **kw[name])
-            if name == "static" and "cached" in last:  # same inputs: the two paths must agree
-                diff = float((last[name].float() - last["cached"].float()).abs().max())
-                row.note += f", last chunk vs cached: max abs diff {diff:.1e}"
-        except RuntimeError as err:  # keep the table going (OOM, a capture failure)
-            row = Row(name, length, Timeline(stride=model.cfg.vae_temporal_stride).video_frames(length),
-                      note=f"failed: {type(err).__name__}: {str(err).splitlines()[0][:100]}")
-        rows.append(row)
-        print(f"# {name}: {fmt(row.fps)} video frames/s, {fmt(row.ms_per_call)} ms/call, first frame "
-              f"{fmt(row.first_frame_s)} s {row.note}", flush=True)
+    for path in args.paths:
+        length = args.recompute_frames if path == "recompute" else args.latent_frames
+        for mode in args.cfg_modes:
+            name = row_name(path, mode)
+            try:
+                row, last[name] = run_path(name, model, cfgs[mode], hw, length, device, **kw[path])
+                # same inputs (recompute runs a shorter clip): the paths and the CFG modes must agree
+                peers = [row_name(path, "batched")] + ([row_name("cached", mode)] if path != "recompute" else [])
+                other = next((r for r in peers if r != name and r in last), None)
+                if other is not None:
+                    diff = float((last[name].float() - last[other].float()).abs().max())
+                    row.note = ", ".join(filter(None, [row.note, f"last chunk vs {other}: max abs diff {diff:.1e}"]))
+            except RuntimeError as err:  # keep the table going (OOM, a capture failure)
+                row = Row(name, length, Timeline(stride=model.cfg.vae_temporal_stride).video_frames(length),
+                          note=f"failed: {type(err).__name__}: {str(err).splitlines()[0][:100]}")
+            rows.append(row)
+            print(f"# {name}: {fmt(row.fps)} video frames/s, {fmt(row.ms_per_call)} ms/call, first frame "
+                  f"{fmt(row.first_frame_s)} s {row.note}", flush=True)
     print(markdown_table(["path", "latent", "video", "s", "fps", "ms/call", "first frame s", "KV MiB", "note"],
                          [[r.path, str(r.latent_frames), str(r.video_frames), fmt(r.seconds), fmt(r.fps),
                            fmt(r.ms_per_call), fmt(r.first_frame_s), fmt(r.kv_mib), r.note] for r in rows]))
     by = {r.path: r for r in rows}
     if by.get("static") and by.get("cached") and by["static"].fps and by["cached"].fps:
         print(f"# static / cached speed-up: {by['static'].fps / by['cached'].fps:.2f}x")
-    dump_json(args.json, {"device": device_name(device), "rows": rows})
+    cfg_speedup = {}
+    for path in args.paths:
+        batched, two = by.get(path), by.get(row_name(path, "two-call"))
+        if batched and two and batched.fps and two.fps:
+            cfg_speedup[path] = batched.fps / two.fps
+            print(f"# audio CFG batched / two-call speed-up, {path}: {cfg_speedup[path]:.2f}x")
+    dump_json(args.json, {"device": device_name(device), "rows": rows, "cfg_speedup": cfg_speedup})
 
 
 if __name__ == "__main__":

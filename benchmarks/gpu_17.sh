@@ -12,7 +12,8 @@
 #   attention  merged vs best full kernel vs flex vs dense mask, fwd+bwd, bf16, F = 8, 32, 128
 #              (+ merged through each piece kernel and a tuned flex at F = 32)
 #   stream     lite 512^2, 8 steps: static (CUDA graphs) vs cached vs recompute fps, first-frame latency
-#   cfg        the same with audio guidance (two branches), static vs cached
+#   cfg        the same with audio guidance: both branches in one batched forward vs two forwards
+#              (diffusion.cfg_batched), static path; prints the batched / two-call ratio
 # Output: progressively on stdout and in $OUT/gpu17.log (per part $OUT/<part>.log, JSON), then one
 # summary table against the targets (benchmarks/summarize.py). $OUT defaults to out/gpu17.
 set -uo pipefail
@@ -51,7 +52,7 @@ if [ "$DRY" -eq 1 ]; then
         --merged-kernels cpu_flash --variant-frames 4 --no-mask-build --json "$OUT/attention.json"
     part stream 120 "$PYTHON" benchmarks/bench_stream.py --cpu-smoke --json "$OUT/stream.json"
     part cfg 120 "$PYTHON" benchmarks/bench_stream.py --cpu-smoke --paths cached,static --cfg-audio 2.0 \
-        --json "$OUT/stream_cfg.json"
+        --cfg-modes batched,two-call --json "$OUT/stream_cfg.json"
 else
     part checks 40 "$PYTHON" benchmarks/gpu_17_checks.py --json "$OUT/checks.json"
     part attention 110 "$PYTHON" benchmarks/bench_attention.py --frames 8,32,128 --sp 1 \
@@ -61,7 +62,7 @@ else
     part stream 70 "$PYTHON" benchmarks/bench_stream.py --preset lite --latent-hw 64 64 --steps 8 \
         --latent-frames 9 --recompute-frames 5 --json "$OUT/stream.json"
     part cfg 30 "$PYTHON" benchmarks/bench_stream.py --preset lite --latent-hw 64 64 --steps 8 \
-        --latent-frames 5 --paths cached,static --cfg-audio 2.0 --json "$OUT/stream_cfg.json"
+        --latent-frames 5 --paths static --cfg-audio 2.0 --cfg-modes batched,two-call --json "$OUT/stream_cfg.json"
 fi
 
 say ""

@@ -90,6 +90,8 @@ class DiffusionConfig:
     window_blocks: int = -1               # -1 = the training window (data.window); 0 = unbounded; W blocks
     ar_step: int = 0                      # 0 = synchronous schedule
     cfg_audio: float = 1.0                # 1 = no guidance
+    cfg_batched: bool = True              # audio CFG's two branches as one forward of batch 2B (False: two
+                                          # forwards of batch B: half the peak activation memory)
 
 
 @dataclass

@@ -145,20 +145,50 @@ def test_batch_equals_single_samples(model):
         assert (v[i:i + 1] - v1).abs().max() < TOL and (s[i:i + 1] - s1).abs().max() < TOL
 
 
-def test_cfg(model):
+def forward_batches(model, cfg: DiffusionConfig, inp: SampleInputs, **sampler_kw) -> tuple[list[int], tuple]:
+    """The batch size of every model forward of one generation, and its (video, struct)."""
+    sizes = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: sizes.append((a[0] if a else kw["video_latent"]).shape[0]), with_kwargs=True)
+    try:
+        out = ARSampler(model, cfg, training_window=TRAIN_WINDOW, **sampler_kw).sample(inp)
+    finally:
+        hook.remove()
+    return sizes, out
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_cfg(model, batched):
     steps = 2
-    base = dict(sample_steps=steps, chunk_blocks=1)
-    v1, s1, st1 = run(model, DiffusionConfig(**base, cfg_audio=1.0), inputs(4), cache=True)
-    # scale 1: the conditional branch alone (no unconditional evaluations at all); block 0 is known
+    base = dict(sample_steps=steps, chunk_blocks=1, cfg_batched=batched)
+    sizes1, (v1, s1) = forward_batches(model, DiffusionConfig(**base, cfg_audio=1.0), inputs(4))
+    # scale 1: the conditional branch alone, batch B (no unconditional rows at all); block 0 is known
     # (reference + pinned motion): its writing pass, then 3 chunks x (steps + writing pass)
-    assert st1.model_calls == 1 + 3 * (steps + 1)
+    assert sizes1 == [1] * (1 + 3 * (steps + 1))
     # scale 0: exactly the unconditional model, i.e. generation without audio; this only holds
-    # if both branches keep separate caches
-    v0, s0, st0 = run(model, DiffusionConfig(**base, cfg_audio=0.0), inputs(4), cache=True)
+    # if the branches' K/V stay apart (rows of one cache, or two caches)
+    sizes0, (v0, s0) = forward_batches(model, DiffusionConfig(**base, cfg_audio=0.0), inputs(4))
     vn, sn, _ = run(model, DiffusionConfig(**base), inputs(4, audio=False), cache=True)
-    assert st0.model_calls == 2 * st1.model_calls
+    # batched: one forward of batch 2B per pass; two-call: two forwards of batch B
+    assert sizes0 == ([2] * len(sizes1) if batched else [1] * (2 * len(sizes1)))
     assert (v0 - vn).abs().max() < TOL and (s0 - sn).abs().max() < TOL
     assert (v0 - v1).abs().max() > 1e-3  # audio matters in this model
+
+
+@pytest.mark.parametrize("path", [dict(use_cache=True), dict(use_cache=False), dict(static=True)],
+                         ids=["cache", "recompute", "static"])
+def test_batched_cfg_equals_two_calls(model, path):
+    """Both guidance branches as one forward of batch 2B (one cache) == two forwards of batch B (a
+    cache each), for a whole generation of a batch of 2 (own seeds, own audio) on every history path."""
+    one, two = inputs(7, seed=3), inputs(7, seed=4)
+    both = SampleInputs(torch.cat([one.reference, two.reference]), 7, [3, 4],
+                        audio=torch.cat([one.audio, two.audio.flip(1)]),
+                        kp_canonical=torch.cat([one.kp_canonical, two.kp_canonical]))
+    base = dict(sample_steps=2, chunk_blocks=2, window_blocks=2, ar_step=1, cfg_audio=2.5)
+    sizes_b, (v_b, s_b) = forward_batches(model, DiffusionConfig(**base), both, **path)
+    sizes_t, (v_t, s_t) = forward_batches(model, DiffusionConfig(**base, cfg_batched=False), both, **path)
+    assert sizes_b == [4] * len(sizes_b) and sizes_t == [2] * (2 * len(sizes_b))
+    assert (v_b - v_t).abs().max() < TOL and (s_b - s_t).abs().max() < TOL
+    assert (v_b[0] - v_b[1]).abs().max() > 1e-2   # the two samples really differ
 
 
 def live_tensor_bytes(exclude: set) -> int:

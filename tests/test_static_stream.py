@@ -75,13 +75,30 @@ def test_memory_flat_as_the_video_grows(model):
     assert len(set(stats.stats.history_bytes[1:])) == 1
 
 
+def test_batched_cfg_shares_one_static_cache(model):
+    """Batched audio CFG keeps one ring cache (and one static forward) of batch 2B; two-call CFG one of
+    batch B per branch, of the same total size."""
+    cfg = DiffusionConfig(sample_steps=1, window_blocks=2, cfg_audio=2.0)
+    batched = ARSampler(model, cfg, static=True)
+    batched.sample(inputs(5))
+    two = ARSampler(model, DiffusionConfig(sample_steps=1, window_blocks=2, cfg_audio=2.0, cfg_batched=False),
+                    static=True)
+    two.sample(inputs(5))
+    assert set(batched._caches) == set(batched._forwards) == {"cond+uncond"}
+    assert set(two._caches) == {"cond", "uncond"}
+    assert {r.k.shape[0] for r in batched._caches["cond+uncond"].rings.values()} == {2}
+    assert batched.stats.history_bytes == two.stats.history_bytes
+
+
 @pytest.mark.gpu
-def test_static_graphs_match_eager_cache_cuda():
-    """On CUDA the chunk forward is captured once and replayed; it matches the eager KV cache."""
+@pytest.mark.parametrize("cfg_audio", [1.0, 2.0])
+def test_static_graphs_match_eager_cache_cuda(cfg_audio):
+    """On CUDA the chunk forward is captured once and replayed (with audio CFG: one graph set of batch
+    2B); it matches the eager KV cache."""
     model = randomized_model().cuda()
-    cfg = DiffusionConfig(sample_steps=2, window_blocks=2)
+    cfg = DiffusionConfig(sample_steps=2, window_blocks=2, cfg_audio=cfg_audio)
     inp = inputs(8)
     v_ref, s_ref, _ = _sample(model, cfg, inp)
     v, s, sampler = _sample(model, cfg, inp, static=True)
-    assert sampler._forwards["cond"].replays > 0
+    assert len(sampler._forwards) == 1 and next(iter(sampler._forwards.values())).replays > 0
     assert (v - v_ref).abs().max() < 1e-4 and (s - s_ref).abs().max() < 1e-4

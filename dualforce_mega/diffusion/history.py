@@ -3,9 +3,10 @@
 The sampler is one loop; only this object differs between the two ways of running it:
 
 * ``CachedHistory`` — the model sees only the current chunk at its absolute ``frame_ids``; earlier
-  blocks come from one per-layer ``KVCache`` per guidance branch (conditional and unconditional
-  branches see different hidden states, so they cannot share K/V). After a chunk is finished the
-  sampler runs a writing pass on the chunk's history form (below) that commits its K/V.
+  blocks come from one per-layer ``KVCache`` per model forward of a pass (conditional and unconditional
+  branches see different hidden states, so their K/V are separate rows: batched CFG keeps one cache of
+  batch 2B, two-call CFG one cache per branch). After a chunk is finished the sampler runs a writing
+  pass on the chunk's history form (below) that commits its K/V.
 * ``RecomputeHistory`` — the reference: every pass re-runs the model over the whole history
   (every committed frame in its history form, then the current chunk) under the sliding-window
   block-causal mask. Recomputing only the window would not be equivalent: with W blocks of
@@ -18,7 +19,7 @@ frames (the reference) at sigma 0.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -47,13 +48,13 @@ class Committed:
 class CachedHistory:
     needs_writing_pass = True
 
-    def __init__(self, window_blocks: int, branches: tuple[str, ...], caches: Optional[dict] = None):
-        """``caches``: one per branch (default a growing ``KVCache`` each; the static sampler passes
-        preallocated ``StaticKVCache``s)."""
-        self.caches = caches or {b: KVCache(window=window_blocks) for b in branches}
+    def __init__(self, window_blocks: int, keys: Sequence[str], caches: Optional[dict] = None):
+        """``keys``: one per model forward of a pass; ``caches``: one per key (default a growing ``KVCache``
+        each; the static sampler passes preallocated ``StaticKVCache``s)."""
+        self.caches = caches or {k: KVCache(window=window_blocks) for k in keys}
 
-    def cache(self, branch: str) -> Optional[KVCache]:
-        return self.caches[branch]
+    def cache(self, key: str) -> Optional[KVCache]:
+        return self.caches[key]
 
     def assemble(self, video: torch.Tensor, sigma_video: torch.Tensor, struct: Optional[torch.Tensor],
                  sigma_struct: Optional[torch.Tensor], frame_ids: torch.Tensor) -> PassInputs:
@@ -76,7 +77,7 @@ class RecomputeHistory:
         self.window_blocks = window_blocks
         self.past: Optional[Committed] = None    # every committed frame so far, concatenated
 
-    def cache(self, branch: str) -> Optional[KVCache]:
+    def cache(self, key: str) -> Optional[KVCache]:
         return None
 
     def assemble(self, video: torch.Tensor, sigma_video: torch.Tensor, struct: Optional[torch.Tensor],

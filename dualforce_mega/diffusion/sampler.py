@@ -22,8 +22,10 @@ counterpart named in brackets.
    query sees a larger latent-frame distance than a training window holds [``timeline.py``].
 5. Classifier-free guidance on audio: ``v = v_u + cfg_audio * (v_c - v_u)`` for both towers. The
    unconditional branch is the model's dropped-audio form (``audio_drop``) [condition dropout,
-   ``diffusion.audio_drop_prob``: the same code path]. With ``cfg_audio == 1`` (or no audio) only the
-   conditional branch runs.
+   ``diffusion.audio_drop_prob``: the same code path]. Both branches run as one forward of batch 2B
+   (conditional rows, then dropped-audio rows; per-sample ``audio_drop``) with one KV cache of batch 2B
+   -- or, with ``diffusion.cfg_batched: false``, as two forwards of batch B with a cache each. With
+   ``cfg_audio == 1`` (or no audio) only the conditional branch runs.
 6. Motion is standardised with the training statistics (``data/normalization.py``): reference motion and
    canonical keypoints go in raw and are standardised here; generated motion comes out raw.
 """
@@ -76,8 +78,31 @@ class GeneratedChunk:
 
 
 @dataclass
+class _Forward:
+    """One model forward per pass: the guidance branches it serves, stacked along the batch."""
+    branches: tuple[str, ...]                  # "cond" / "uncond", in batch order
+    audio_drop: Optional[torch.Tensor]         # [len(branches) * B] bool; None without audio
+    audio: Optional[torch.Tensor]              # the per-sample conditions, repeated per branch
+    kp: Optional[torch.Tensor]
+    text: Optional[torch.Tensor]
+
+    @property
+    def key(self) -> str:
+        """Names its KV cache (and static forward): one per forward, not per branch."""
+        return "+".join(self.branches)
+
+    def stack(self, t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """A per-sample tensor [B, ...] repeated for every branch: [len(branches) * B, ...]."""
+        return _repeat(t, len(self.branches))
+
+
+def _repeat(t: Optional[torch.Tensor], n: int) -> Optional[torch.Tensor]:
+    return t if t is None or n == 1 else torch.cat([t] * n)
+
+
+@dataclass
 class SamplerStats:
-    model_calls: int = 0
+    model_calls: int = 0                                 # model forwards (a batched CFG pass is one)
     history_tokens: list = field(default_factory=list)   # per chunk, after commit
     history_bytes: list = field(default_factory=list)
     max_pass_frames: int = 0                             # widest model input, in latent frames
@@ -131,13 +156,13 @@ class ARSampler:
             raise ValueError(f"seeds: {len(inputs.seeds)} seeds for a batch of {b}")
         use_struct = self.model.struct is not None
         audio = self._audio(inputs.audio, b)
-        branches = ("cond", "uncond") if audio is not None and d.cfg_audio != 1.0 else ("cond",)
         kp = ref_motion = None
         if use_struct:
             kp = self._motion_input("kp_canonical", inputs.kp_canonical, b, mcfg.kp_dim)
             ref_motion = self._motion_input("struct", inputs.ref_motion, b, mcfg.motion_dim)
         text = inputs.text_emb.to(self.device, self.dtype) if inputs.text_emb is not None else None
-        history: History = self._history(inputs.num_latent, branches)
+        forwards = self._plan_forwards(b, audio, kp, text)
+        history: History = self._history(inputs.num_latent, [fw.key for fw in forwards])
         sigmas = inference_sigmas(d.sample_steps, d.sample_shift)
         self.stats = SamplerStats()
         was_training = self.model.training
@@ -151,15 +176,14 @@ class ARSampler:
                 n_blocks = int(blocks[-1]) + 1
                 passes = [] if bool(pin.all()) else pyramid_passes(n_blocks, sigmas, d.ar_step)
                 for sv, sv_next, ss, ss_next, ts, ts_next in self._schedule(passes, blocks, pin, counts):
-                    vel_v, vel_s = self._velocity(history, chunk, xv, sv, xs, ss, branches, audio, kp, text)
+                    vel_v, vel_s = self._velocity(history, chunk, xv, sv, xs, ss, forwards)
                     xv = euler_step(xv, vel_v, sv.view(1, 1, -1, 1, 1), sv_next.view(1, 1, -1, 1, 1))
                     if xs is not None:
                         xs = euler_step(xs, vel_s, ts.view(1, -1, 1), ts_next.view(1, -1, 1))
                 committed = self._history_form(chunk, inputs.seeds, xv, xs, pin, counts)
                 if history.needs_writing_pass:
                     self._velocity(history, chunk, committed.video, committed.sigma_video[0], committed.struct,
-                                   None if xs is None else committed.sigma_struct[0], branches, audio, kp, text,
-                                   writing=True)
+                                   None if xs is None else committed.sigma_struct[0], forwards, writing=True)
                 history.append(committed)
                 log.debug("chunk %d (latent frames %d..%d) done: %d model calls, history %d tokens",
                           chunk.index, chunk.start, chunk.end - 1, self.stats.model_calls, history.num_tokens())
@@ -198,24 +222,44 @@ class ARSampler:
             raise ValueError(f"{what}: shape {tuple(raw.shape)} != (batch, {dim})")
         return self.normalizer.normalize(name, raw.to(self.device, torch.float32))
 
-    def _history(self, num_latent: int, branches: tuple[str, ...]) -> History:
+    def _plan_forwards(self, b: int, audio: Optional[torch.Tensor], kp: Optional[torch.Tensor],
+                       text: Optional[torch.Tensor]) -> list[_Forward]:
+        """The forwards of one pass: the conditional branch alone (no guidance), both guidance branches
+        stacked into one (batched CFG, the default), or one forward per branch (``cfg_batched: false``)."""
+        if audio is None or self.cfg.cfg_audio == 1.0:
+            groups: list[tuple[str, ...]] = [("cond",)]
+        elif self.cfg.cfg_batched:
+            groups = [("cond", "uncond")]
+        else:
+            groups = [("cond",), ("uncond",)]
+        forwards = []
+        for branches in groups:
+            drop = None
+            if audio is not None:
+                # the unconditional rows are the dropped-audio form training's condition dropout uses
+                drop = torch.tensor([br == "uncond" for br in branches], device=self.device).repeat_interleave(b)
+            n = len(branches)
+            forwards.append(_Forward(branches, drop, _repeat(audio, n), _repeat(kp, n), _repeat(text, n)))
+        return forwards
+
+    def _history(self, num_latent: int, keys: Sequence[str]) -> History:
         window = self.window_blocks
         if not self.use_cache:
             return RecomputeHistory(window)
         if not self.static:
-            return CachedHistory(window, branches)
+            return CachedHistory(window, keys)
         # the caches and their captured forwards are kept across generations of the same geometry
         blocks = 0 if window else self.timeline.num_blocks(num_latent)
         caches = {}
-        for b in branches:
-            cache = self._caches.get(b)
+        for key in keys:
+            cache = self._caches.get(key)
             if cache is None or (cache.window, cache.chunk_blocks, cache.capacity_blocks) != (
                     window, self.cfg.chunk_blocks, blocks):
-                cache = self._caches[b] = StaticKVCache(window, self.cfg.chunk_blocks, blocks)
+                cache = self._caches[key] = StaticKVCache(window, self.cfg.chunk_blocks, blocks)
             cache.reset()
-            caches[b] = cache
-            self._forwards.setdefault(b, StaticForward(self.model))
-        return CachedHistory(window, branches, caches)
+            caches[key] = cache
+            self._forwards.setdefault(key, StaticForward(self.model))
+        return CachedHistory(window, keys, caches)
 
     def _schedule(self, passes: list, blocks: torch.Tensor, pin: torch.Tensor, counts: torch.Tensor) -> list:
         """Per pass: (video sigma, next video sigma) per frame, the same for struct frames (coupled) and per
@@ -281,9 +325,8 @@ class ARSampler:
         return sigma.repeat_interleave(counts).to(self.device, like.dtype).view(1, -1, 1)
 
     def _velocity(self, history: History, chunk: Chunk, xv: torch.Tensor, sv: torch.Tensor,
-                  xs: Optional[torch.Tensor], ss: Optional[torch.Tensor], branches: tuple[str, ...],
-                  audio: Optional[torch.Tensor], kp, text, writing: bool = False
-                  ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+                  xs: Optional[torch.Tensor], ss: Optional[torch.Tensor], forwards: list[_Forward],
+                  writing: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Guided velocity of the chunk's frames; the same call for both history paths."""
         b, f = xv.shape[0], xv.shape[2]
         sv_b = sv.to(self.device, torch.float32).expand(b, f)
@@ -291,24 +334,24 @@ class ARSampler:
         inp: PassInputs = history.assemble(xv, sv_b, xs, ss_b, chunk.frame_ids)
         self.stats.max_pass_frames = max(self.stats.max_pass_frames, inp.video.shape[2])
         outs = {}
-        for branch in branches:
-            cache = history.cache(branch)
+        for fw in forwards:
+            cache = history.cache(fw.key)
             if cache is not None:
                 cache.writing = writing
-            # the unconditional branch is the dropped-audio form training's condition dropout uses
-            drop = None if audio is None else torch.full((b,), branch == "uncond", device=self.device)
-            forward = self._forwards[branch] if self.static else self.model
+            forward = self._forwards[fw.key] if self.static else self.model
             try:
-                out = forward(inp.video, inp.sigma_video, struct=inp.struct, sigma_struct=inp.sigma_struct,
-                              kp_canonical=kp, audio=audio, text_emb=text, frame_ids=inp.frame_ids,
-                              window_blocks=inp.window_blocks, cache=cache, audio_drop=drop)
+                out = forward(fw.stack(inp.video), fw.stack(inp.sigma_video), struct=fw.stack(inp.struct),
+                              sigma_struct=fw.stack(inp.sigma_struct), kp_canonical=fw.kp, audio=fw.audio,
+                              text_emb=fw.text, frame_ids=inp.frame_ids, window_blocks=inp.window_blocks,
+                              cache=cache, audio_drop=fw.audio_drop)
             finally:
                 if cache is not None:
                     cache.writing = False
             self.stats.model_calls += 1
-            vs = out.struct[:, -xs.shape[1]:] if xs is not None else None
-            outs[branch] = (out.video[:, :, -f:], vs)
-        if len(branches) == 1:
+            for i, branch in enumerate(fw.branches):
+                rows = slice(i * b, (i + 1) * b)
+                outs[branch] = (out.video[rows, :, -f:], None if xs is None else out.struct[rows, -xs.shape[1]:])
+        if len(outs) == 1:
             return outs["cond"]
         return tuple(None if u is None else u + self.cfg.cfg_audio * (c - u)
                      for c, u in zip(outs["cond"], outs["uncond"]))
