@@ -153,3 +153,25 @@ def test_init_from_errors_name_path_and_parameter(tmp_path: Path) -> None:
         init_from(tiny(), str(tmp_path))
     with pytest.raises(InitFromError, match="ema"):
         init_from(tiny(), str(tmp_path), ema=True)
+
+
+def test_ema_resumes_on_another_world_size(tmp_path: Path) -> None:
+    """Elastic resume: EMA pieces written by 2 ranks are cut anew for 1 and 3 ranks, exactly."""
+    from dualforce_mega.training.ema import ShardedEMA, partition
+
+    torch.manual_seed(0)
+    params = [("a", torch.nn.Parameter(torch.randn(5, 3))), ("b", torch.nn.Parameter(torch.randn(7)))]
+    writers = [ShardedEMA(params, 0.9, rank, 2) for rank in range(2)]
+    with torch.no_grad():
+        for _, p in params:
+            p.add_(1.0)
+    for ema in writers:
+        ema.update()
+        ema.save(tmp_path)
+    expected = {n: p.detach() - 0.9 for n, p in params}      # ema = w0 + 0.1 * ((w0 + 1) - w0) = w1 - 0.9
+    for world in (1, 3):
+        for rank in range(world):
+            ema = ShardedEMA(params, 0.9, rank, world)
+            ema.load(tmp_path)
+            for name, full in expected.items():
+                assert torch.allclose(ema.shadow[name], partition(full.flatten(), rank, world), atol=1e-6), (world, name)

@@ -10,8 +10,9 @@ the rank's slice of the full fp32 weights). The EMA starts at the weights traini
 ``train.init_from``).
 
 Checkpoints: each rank writes ``<tag>/ema/rank_<r>.safetensors`` (its pieces, under the model's
-state_dict names; metadata: world size, decay, full shapes). Resume reads the same files back (same world
-size). ``iter_ema_tensors`` reassembles full tensors one at a time for conversion
+state_dict names; metadata: world size, decay, full shapes). Resume reads the same files back (from another
+world size: full tensors reassembled one at a time and cut anew). ``iter_ema_tensors`` reassembles full
+tensors one at a time for conversion
 (``checkpoints_conv.export_bundle`` writes them as the bundle's ``ema/``; ``train.init_from_ema`` starts
 a run from them).
 """
@@ -79,14 +80,19 @@ class ShardedEMA:
         save_rank_file(tag_dir, self.rank, self.world, self.decay, self.shadow, self.shapes)
 
     def load(self, tag_dir: Path) -> None:
+        first = Path(tag_dir) / EMA_DIR / _RANK_FILE.format(0)
+        if not first.is_file():
+            raise FileNotFoundError(f"{first}: missing; train.ema_decay > 0 but checkpoint {tag_dir} has no EMA "
+                                    "(was it written without one?)")
+        with safe_open(str(first), framework="pt") as f:
+            saved_world = int((f.metadata() or {}).get("world_size", -1))
+        if saved_world != self.world:   # elastic resume: cut this rank's pieces anew
+            self._load_resharded(Path(tag_dir), saved_world)
+            return
         path = Path(tag_dir) / EMA_DIR / _RANK_FILE.format(self.rank)
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: missing; train.ema_decay > 0 but checkpoint {tag_dir} has no EMA of "
-                                    f"this rank (was it written without an EMA, or by another world size?)")
+            raise FileNotFoundError(f"{path}: missing; checkpoint {tag_dir} has no EMA of this rank")
         with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if int(meta.get("world_size", -1)) != self.world:
-                raise ValueError(f"{path}: EMA written by {meta.get('world_size')} ranks, this run has {self.world}")
             missing = sorted(set(self.shadow) - set(f.keys()))
             if missing:
                 raise ValueError(f"{path}: EMA lacks parameters {missing[:8]}")
@@ -96,6 +102,24 @@ class ShardedEMA:
                     raise ValueError(f"{path}: EMA of {name!r} has {tuple(saved.shape)} elements, expected {tuple(t.shape)}")
                 t.copy_(saved)
         log.info("EMA (decay %g) resumed from %s", self.decay, path.parent)
+
+    def _load_resharded(self, tag_dir: Path, saved_world: int) -> None:
+        """The EMA of a checkpoint written by another world size: every full tensor (one at a time) cut into
+        this rank's piece."""
+        seen = set()
+        for name, full in iter_ema_tensors(tag_dir):
+            if name not in self.shadow:
+                continue
+            if tuple(full.shape) != self.shapes[name]:
+                raise ValueError(f"{tag_dir / EMA_DIR}: EMA of {name!r} has shape {tuple(full.shape)}, "
+                                 f"expected {self.shapes[name]}")
+            self.shadow[name].copy_(partition(full.flatten(), self.rank, self.world))
+            seen.add(name)
+        missing = sorted(set(self.shadow) - seen)
+        if missing:
+            raise ValueError(f"{tag_dir / EMA_DIR}: EMA lacks parameters {missing[:8]}")
+        log.info("EMA (decay %g) resumed from %s, resharded from %d to %d ranks", self.decay,
+                 tag_dir / EMA_DIR, saved_world, self.world)
 
 
 def save_rank_file(tag_dir: Path, rank: int, world: int, decay: float, pieces: dict[str, torch.Tensor],
