@@ -354,10 +354,13 @@ _HALF = (torch.float16, torch.bfloat16)
 
 
 def candidate_kernels(device: torch.device, dtype: torch.dtype) -> list[str]:
-    """Piece kernels to try, fastest first (cuDNN is the fastest full kernel measured on H100)."""
+    """Piece kernels to try, fastest first. cuDNN (the fastest full kernel on H100) is not tried: its
+    frontend rejects 1-token pieces (s_q = s_kv = 1: the struct tower has one token per frame) and on
+    torch 2.11 cu130 the process then crashed (segfault / misaligned address, H100, 2026-11-26); it stays
+    available by name (``kernel="cudnn"``) for video-only pieces."""
     if device.type != "cuda":
         return ["cpu_flash"]
-    return (["cudnn", "flash"] if dtype in _HALF else []) + ["efficient"]
+    return (["flash"] if dtype in _HALF else []) + ["efficient"]
 
 
 # --------------------------------------------------------------------------------------
