@@ -28,7 +28,7 @@ from dualforce_mega.config import DiffusionConfig, model_preset
 from dualforce_mega.diffusion.sampler import ARSampler, SampleInputs
 from dualforce_mega.models.dualforce import DualForceModel
 from dualforce_mega.timeline import Timeline
-from dualforce_mega.models.merged_attention import KERNELS, _check_kernel, candidate_kernels, choose_kernel
+from dualforce_mega.models.merged_attention import KERNELS, candidate_kernels, choose_kernel, verify_kernel
 from gpu_checks import SLACK, Check, Setup, attention_check
 
 CHECKS: list[Check] = []
@@ -53,7 +53,7 @@ def kernels_check(setup: Setup) -> None:
     tol = max(8 * torch.finfo(setup.dtype).eps, 1e-5)
     for name in candidate_kernels(setup.device, setup.dtype):
         try:
-            err = _check_kernel(KERNELS[name], setup.device, setup.dtype, setup.head_dim)
+            err = verify_kernel(KERNELS[name], setup.device, setup.dtype, setup.head_dim)
             report(f"kernel {name}", err <= tol, f"rel. error {err:.2e} (bound {tol:.1e})")
         except RuntimeError as e:
             report(f"kernel {name}", False, f"unusable: {str(e).splitlines()[0][:160]}")

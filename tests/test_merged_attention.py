@@ -9,7 +9,7 @@ import torch
 
 from dualforce_mega.models.attention import PAD_BLOCK, MaskSpec, block_attention
 from dualforce_mega.models.layout import build_layout
-from dualforce_mega.models.merged_attention import KERNELS, _check_kernel, merge_plan
+from dualforce_mega.models.merged_attention import KERNELS, _check_kernel, merge_plan, verify_kernel
 from model_utils import random_inputs, randomize_heads, tiny_model
 
 TOL = 1e-5
@@ -142,3 +142,28 @@ def test_unsorted_blocks_rejected() -> None:
 def test_kernel_self_check_passes_on_cpu() -> None:
     """The check run once per CUDA kernel (uneven blocks, a 1-token block, window + sink) holds here."""
     assert _check_kernel(KERNELS["cpu_flash"], torch.device("cpu"), torch.float32, 16) < TOL
+
+
+def test_kernel_check_runs_under_inference_mode() -> None:
+    """The first attention call of a sampler comes under inference mode, where the check's backward
+    would fail and every kernel would be rejected (seen on the H100: 'no piece kernel ... works')."""
+    with torch.inference_mode():
+        assert verify_kernel(KERNELS["cpu_flash"], torch.device("cpu"), torch.float32, 16) < TOL
+
+
+def test_kernel_check_inside_a_checkpointed_forward() -> None:
+    """The check may run inside the first checkpointed block's forward but not in its recompute; its
+    tensors must not reach the checkpoint's saved-tensor hooks (else: 'a different number of tensors
+    was saved during the original forward and recomputation', seen on the H100)."""
+    from torch.utils.checkpoint import checkpoint
+
+    checked = []
+
+    def block(x: torch.Tensor) -> torch.Tensor:
+        if not checked:            # like choose_kernel's cache: the first call only
+            checked.append(verify_kernel(KERNELS["cpu_flash"], torch.device("cpu"), torch.float32, 16))
+        return (x.sin() * x).sum()
+
+    x = torch.randn(8, requires_grad=True)
+    checkpoint(block, x, use_reentrant=False).backward()
+    assert checked[0] < TOL and torch.allclose(x.grad, x.detach().sin() + x.detach() * x.detach().cos())

@@ -463,6 +463,20 @@ def _check_kernel(kernel: PieceKernel, device: torch.device, dtype: torch.dtype,
     return max(float((a.double() - b).norm() / b.norm()) for a, b in pairs)
 
 
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def verify_kernel(kernel: PieceKernel, device: torch.device, dtype: torch.dtype, head_dim: int) -> float:
+    """``_check_kernel`` isolated from the caller's autograd state: the first attention call may come
+    from a sampler under inference mode (no backward possible) or from a checkpointed block's forward
+    (whose saved-tensor hooks would count the probe's tensors in the forward but not in the recompute:
+    "a different number of tensors was saved", seen on the H100)."""
+    with torch.inference_mode(False), torch.enable_grad(), \
+            torch.autograd.graph.saved_tensors_hooks(_identity, _identity):
+        return _check_kernel(kernel, device, dtype, head_dim)
+
+
 @lru_cache(maxsize=None)
 def choose_kernel(device: torch.device, dtype: torch.dtype, head_dim: int) -> PieceKernel:
     """The first candidate kernel that runs and matches the dense reference (checked once on CUDA)."""
@@ -472,7 +486,7 @@ def choose_kernel(device: torch.device, dtype: torch.dtype, head_dim: int) -> Pi
     tol = max(8 * torch.finfo(dtype).eps, 1e-5)  # a few units of rounding of the piece dtype
     for name in candidates:
         try:
-            err = _check_kernel(KERNELS[name], device, dtype, head_dim)
+            err = verify_kernel(KERNELS[name], device, dtype, head_dim)
         except RuntimeError as e:
             log.warning("merged attention: %s kernel unusable (%s)", name, str(e).splitlines()[0][:120])
             continue
