@@ -14,7 +14,8 @@ finish the current step, save a checkpoint and exit 75 for their preemption sign
 ``run.preempt_signals``). A rank that exits with an error ends the job: the others get SIGTERM (and
 SIGCONT, so a stopped rank can die), then SIGKILL after ``--kill-after-s``. Each rank is started with
 the parent-death signal SIGKILL, so even a SIGKILLed launcher leaves no rank running. The launcher's
-exit code is the first failing rank's (else 75 if any rank was preempted, else 0).
+exit code is the first failing rank's (else 75 if any rank was preempted, else 0). Once its ranks are
+gone it removes DeepSpeed's CPU shared-memory allreduce buffers of this job (``shm_buffer_paths``).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Optional, Sequence
 
 from . import exit_codes
@@ -39,6 +41,15 @@ DEFAULT_KILL_AFTER_S = 30.0
 KILL_AFTER_ENV = "DUALFORCE_KILL_AFTER_S"
 # rank exits that are not failures: finished, or preempted with a checkpoint
 CLEAN_EXITS = (exit_codes.OK, exit_codes.PREEMPTED)
+SHM_DIR = Path("/dev/shm")
+SHM_BUFFER = "deepspeed_allreduce_buffer"   # deepspeed/ops/csrc/cpu/comm/shm.cpp: SHM_BUFFER_NAME
+
+
+def shm_buffer_paths(master_addr: str, master_port: int, ranks: Sequence[int]) -> list[Path]:
+    """DeepSpeed's CPU allreduce (``deepspeed_shm_comm_op``, used when every rank is on one node) maps one
+    ~66 MiB segment per rank, named ``<SHM_BUFFER>_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>``, and never
+    unlinks it: each CPU run left them in /dev/shm (RAM) until the machine ran out of memory."""
+    return [SHM_DIR / f"{SHM_BUFFER}_{os.getuid()}_{master_addr}_{master_port}_{r}" for r in ranks]
 
 
 def _die_with_parent() -> None:
@@ -143,6 +154,9 @@ class Launcher:
                 if p.poll() is None:
                     p.kill()
                     p.wait()
+            for path in shm_buffer_paths(self.master_addr, self.master_port,
+                                         [self._global(i) for i in range(self.nproc)]):
+                path.unlink(missing_ok=True)
 
 
 def _describe(rc: int) -> str:
