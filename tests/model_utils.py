@@ -34,6 +34,21 @@ def randomize_heads(model: DualForceModel, seed: int = 1, scale: float = 0.05) -
                 proj.bias[rows] = 1.0 + torch.randn(dim, generator=g) * scale   # gates near 1: branches active
 
 
+def randomized_model(**overrides) -> DualForceModel:
+    """Tiny model (eval mode) whose zero-initialised parts (heads, bridge outputs, audio gates, AdaLN-Zero
+    residual gates) are made non-zero, so every path (struct, bridge, audio) influences the output."""
+    torch.manual_seed(0)
+    model = DualForceModel(model_preset("tiny", **overrides))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("gate"):
+                p.fill_(0.5)
+            elif p.abs().max() == 0:
+                p.normal_(0.0, 0.1)
+    randomize_heads(model, scale=0.1)
+    return model.eval()
+
+
 def random_inputs(cfg: ModelConfig, batch: int = 2, frames: int = 4, hw: tuple = (4, 6), seed: int = 0,
                   struct: bool = True) -> dict:
     g = torch.Generator().manual_seed(seed)

@@ -23,25 +23,11 @@ from dualforce_mega.models.dualforce import DualForceModel
 from dualforce_mega.models.rope import apply_rope, rope_angles
 from dualforce_mega.timeline import Timeline, sink_offset_blocks
 from dualforce_mega.training.metrics import MetricAccumulator
-from model_utils import randomize_heads
+from model_utils import randomized_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 TOL = 1e-5
 HW = (4, 4)
-
-
-def trained_like(**overrides) -> DualForceModel:
-    """Tiny model with every zero-initialised path (heads, bridge outputs, gates) made active."""
-    torch.manual_seed(0)
-    model = DualForceModel(model_preset("tiny", **overrides))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("gate"):
-                p.fill_(0.5)
-            elif p.abs().max() == 0:
-                p.normal_(0.0, 0.1)
-    randomize_heads(model, scale=0.1)
-    return model.eval()
 
 
 def sample_inputs(num_latent: int, seed: int = 1) -> SampleInputs:
@@ -83,7 +69,7 @@ def test_unconditional_branch_is_the_dropped_training_form() -> None:
     """The sampler's unconditional forward is the model's dropped-audio form, and a training batch's
     dropped sample gives exactly the model's output without audio (one code path)."""
     cfg = build_config({}, ["diffusion.audio_drop_prob=0.5", "model.text_dim=0"])
-    model = trained_like(text_dim=0)
+    model = randomized_model(text_dim=0)
     obj = DiffusionForcingObjective(cfg)
     g = torch.Generator().manual_seed(0)
     b, f = 8, 3
@@ -168,7 +154,7 @@ def attended_distances(model: DualForceModel, cfg: DiffusionConfig, inputs: Samp
 
 @pytest.mark.parametrize("block,train_window,chunk,ar_step", [(1, 3, 1, 0), (1, 4, 2, 1), (2, 5, 1, 0)])
 def test_max_attended_distance_within_training_window(block, train_window, chunk, ar_step) -> None:
-    model = trained_like(causal_block_size=block)
+    model = randomized_model(causal_block_size=block)
     cfg = DiffusionConfig(sample_steps=2, chunk_blocks=chunk, ar_step=ar_step)   # default window: -1
     inputs = sample_inputs(12)
     assert attended_distances(model, cfg, inputs, train_window) <= train_window - 1
@@ -191,7 +177,7 @@ def model_calls(model: DualForceModel, cfg: DiffusionConfig, inputs: SampleInput
 
 
 def test_history_is_conditioned_at_the_history_sigma() -> None:
-    model = trained_like()
+    model = randomized_model()
     cfg = DiffusionConfig(sample_steps=2, sample_history_sigma=0.04, history_sigma_max=0.1)
     calls = model_calls(model, cfg, sample_inputs(4), cache=False)
     last = calls[-1]["sigma_video"][0]      # the last chunk sees frames 0..2 as history
@@ -202,7 +188,7 @@ def test_history_is_conditioned_at_the_history_sigma() -> None:
 
 
 def test_tied_struct_sigma_is_coupled_like_training() -> None:
-    model = trained_like()
+    model = randomized_model()
     cfg = DiffusionConfig(sample_steps=3, struct_sigma="tied", struct_sigma_k=0.5)
     inputs = sample_inputs(3)
     calls = model_calls(model, cfg, inputs, cache=True)
@@ -222,7 +208,7 @@ def test_tied_struct_sigma_is_coupled_like_training() -> None:
 ])
 def test_kv_cache_equals_recompute_in_every_new_mode(overrides) -> None:
     """Growing and static (ring-buffer) KV cache against full recomputation."""
-    model = trained_like()
+    model = randomized_model()
     cfg = DiffusionConfig(sample_steps=2, **overrides)        # default window: the training window
     inputs = sample_inputs(9)
     ref = ARSampler(model, cfg, use_cache=False, training_window=3).sample(inputs)
@@ -232,7 +218,7 @@ def test_kv_cache_equals_recompute_in_every_new_mode(overrides) -> None:
 
 
 def test_kv_cache_equals_recompute_block_size_2_default_window() -> None:
-    model = trained_like(causal_block_size=2)
+    model = randomized_model(causal_block_size=2)
     cfg = DiffusionConfig(sample_steps=2, chunk_blocks=2, ar_step=1)
     inputs = sample_inputs(11)
     ref = ARSampler(model, cfg, use_cache=False, training_window=5).sample(inputs)
@@ -245,7 +231,7 @@ def test_kv_cache_equals_recompute_block_size_2_default_window() -> None:
 # normalisation
 # ---------------------------------------------------------------------------------------------
 def test_sampler_standardises_motion_inputs_and_inverts_its_output() -> None:
-    model = trained_like()
+    model = randomized_model()
     g = torch.Generator().manual_seed(3)
     stats = {"struct": {"mean": torch.randn(70, generator=g).tolist(), "std": (torch.rand(70, generator=g) + 0.5).tolist()},
              "kp_canonical": {"mean": torch.randn(63, generator=g).tolist(), "std": (torch.rand(63, generator=g) + 0.5).tolist()}}
@@ -286,7 +272,7 @@ def test_adaln_zero_gates_are_exactly_zero_at_init() -> None:
 
 
 def test_residual_stream_is_fp32_in_a_bf16_model() -> None:
-    model = trained_like(text_dim=0).to(torch.bfloat16)
+    model = randomized_model(text_dim=0).to(torch.bfloat16)
     dtypes = []
     handles = [b.register_forward_hook(lambda m, a, out: dtypes.append(out.dtype)) for b in model.video.blocks]
     x = torch.randn(1, 16, 2, *HW)
@@ -299,7 +285,7 @@ def test_residual_stream_is_fp32_in_a_bf16_model() -> None:
 
 def test_audio_adds_nothing_where_no_audio_is_valid() -> None:
     """A frame whose audio window lies outside the clip adds exactly 0 (no output-projection bias)."""
-    model = trained_like(text_dim=0)
+    model = randomized_model(text_dim=0)
     attn = model.video.blocks[0].audio_attn
     with torch.no_grad():
         attn.attn.o.bias.fill_(1.0)

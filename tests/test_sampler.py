@@ -7,36 +7,20 @@ import warnings
 import pytest
 import torch
 
-from dualforce_mega.config import DiffusionConfig, model_preset
+from dualforce_mega.config import DiffusionConfig
 from dualforce_mega.diffusion.ar_schedule import plan_chunks, pyramid_passes
 from dualforce_mega.diffusion.sampler import ARSampler, SampleInputs
 from dualforce_mega.diffusion.schedules import inference_sigmas
 from dualforce_mega.models.dualforce import DualForceModel
 from dualforce_mega.timeline import Timeline
-from model_utils import randomize_heads
+from model_utils import randomized_model
 
 TOL = 1e-5
 LATENT_HW = (4, 4)
 TRAIN_WINDOW = 3          # data.window of the (notional) training run: default sampling window 2 blocks
 num_latent_frames = Timeline().latent_frames_covering
-
-
-def randomized_model(**overrides) -> DualForceModel:
-    """Tiny model whose zero-initialised parts (heads, bridge outputs, audio gates) are made
-    non-zero, so every path (struct, bridge, audio) actually influences the output."""
-    torch.manual_seed(0)
-    model = DualForceModel(model_preset("tiny", **overrides))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("gate"):
-                p.fill_(0.5)
-            elif p.abs().max() == 0:
-                p.normal_(0.0, 0.1)
-    randomize_heads(model, scale=0.1)   # also the AdaLN-Zero residual gates
-    return model.eval()
-
-
 pytestmark = pytest.mark.usefixtures("single_thread")
+
 
 @pytest.fixture(scope="module")
 def model() -> DualForceModel:

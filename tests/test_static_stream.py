@@ -8,7 +8,8 @@ import torch
 from dualforce_mega.config import DiffusionConfig
 from dualforce_mega.diffusion.sampler import ARSampler
 from dualforce_mega.timeline import Timeline
-from test_sampler import TOL, inputs, randomized_model, retained_bytes_per_chunk
+from model_utils import randomized_model
+from test_sampler import TOL, inputs, retained_bytes_per_chunk
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
