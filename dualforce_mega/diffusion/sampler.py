@@ -170,9 +170,9 @@ class ARSampler:
         try:
             for chunk in plan_chunks(inputs.num_latent, mcfg.causal_block_size, d.chunk_blocks):
                 pin = chunk.frame_ids == 0   # the reference frame (and its motion): clean, never updated
-                xv, xs = self._init_chunk(chunk, inputs.seeds, ref, ref_motion, pin, float(sigmas[0]))
-                blocks = block_of_frames(chunk.frame_ids, mcfg.causal_block_size)
                 counts = self.timeline.video_counts(chunk.frame_ids)
+                xv, xs = self._init_chunk(chunk, inputs.seeds, ref, ref_motion, pin, counts, float(sigmas[0]))
+                blocks = block_of_frames(chunk.frame_ids, mcfg.causal_block_size)
                 n_blocks = int(blocks[-1]) + 1
                 passes = [] if bool(pin.all()) else pyramid_passes(n_blocks, sigmas, d.ar_step)
                 for sv, sv_next, ss, ss_next, ts, ts_next in self._schedule(passes, blocks, pin, counts):
@@ -277,24 +277,19 @@ class ARSampler:
         return struct_sigma_of(sigma_video, self.cfg) if self.cfg.struct_sigma == "tied" else sigma_video
 
     def _init_chunk(self, chunk: Chunk, seeds: Sequence[int], ref: torch.Tensor, ref_motion: Optional[torch.Tensor],
-                    pin: torch.Tensor, sigma_start: float) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+                    pin: torch.Tensor, counts: torch.Tensor, sigma_start: float
+                    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Noise for every frame of the chunk; the reference frame (and its motion) pinned clean.
 
         The sampler state stays fp32 whatever the model dtype (the model casts its inputs), so
         low-precision velocities do not accumulate rounding over the Euler steps."""
-        b, c, h, w = ref.shape
-        ids = chunk.frame_ids.tolist()
-        xv = torch.stack([torch.stack([frame_noise(s, "video", t, (c, h, w)) for t in ids], dim=1)
-                          for s in seeds]).to(self.device)
+        xv = self._video_noise(seeds, "video", chunk, ref.shape[1:])
         if pin[0]:
             xv[:, :, 0] = ref.to(self.device, torch.float32)
         if ref_motion is None:
             return xv, None
-        md = self.model.cfg.motion_dim
-        counts = self.timeline.video_counts(chunk.frame_ids).tolist()
         start = float(self._struct_sigma(torch.tensor(sigma_start)))
-        xs = start * torch.stack([torch.cat([frame_noise(s, "struct", t, (n, md)) for t, n in zip(ids, counts)])
-                                  for s in seeds]).to(self.device)
+        xs = start * self._struct_noise(seeds, "struct", chunk, counts, self.model.cfg.motion_dim)
         if pin[0]:
             xs[:, 0] = ref_motion
         return xv, xs
@@ -303,20 +298,31 @@ class ARSampler:
                       pin: torch.Tensor, counts: torch.Tensor) -> Committed:
         """The finished chunk as later chunks see it: at the history sigma, pinned frames clean."""
         b, c, f, h, w = xv.shape
-        ids = chunk.frame_ids.tolist()
         sv = torch.full((f,), self.cfg.sample_history_sigma).masked_fill(pin, 0.0)
-        eps = torch.stack([torch.stack([frame_noise(s, "video_history", t, (c, h, w)) for t in ids], dim=1)
-                           for s in seeds]).to(self.device)
+        eps = self._video_noise(seeds, "video_history", chunk, (c, h, w))
         video = add_noise(xv, eps, self._per_frame(sv, xv))
         struct = ss = None
         if xs is not None:
             ss = self._struct_sigma(sv)
-            md = xs.shape[-1]
-            eps = torch.stack([torch.cat([frame_noise(s, "struct_history", t, (n, md)) for t, n in zip(ids, counts.tolist())])
-                               for s in seeds]).to(self.device)
+            eps = self._struct_noise(seeds, "struct_history", chunk, counts, xs.shape[-1])
             struct = add_noise(xs, eps, self._per_token(ss, counts, xs))
             ss = ss.expand(b, f)
         return Committed(video, sv.expand(b, f), struct, ss)
+
+    def _video_noise(self, seeds: Sequence[int], stream: str, chunk: Chunk, frame_shape: Sequence[int]
+                     ) -> torch.Tensor:
+        """[B, C, F, h, w]: ``frame_noise`` of ``stream`` for every sample and latent frame of the chunk."""
+        ids = chunk.frame_ids.tolist()
+        return torch.stack([torch.stack([frame_noise(s, stream, t, frame_shape) for t in ids], dim=1)
+                            for s in seeds]).to(self.device)
+
+    def _struct_noise(self, seeds: Sequence[int], stream: str, chunk: Chunk, counts: torch.Tensor, dim: int
+                      ) -> torch.Tensor:
+        """[B, n, dim]: ``frame_noise`` of ``stream`` for the struct tokens of every latent frame (``counts``
+        video frames each)."""
+        pairs = list(zip(chunk.frame_ids.tolist(), counts.tolist()))
+        return torch.stack([torch.cat([frame_noise(s, stream, t, (n, dim)) for t, n in pairs])
+                            for s in seeds]).to(self.device)
 
     def _per_frame(self, sigma: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         return sigma.to(self.device, like.dtype).view(1, 1, -1, 1, 1)
