@@ -208,22 +208,20 @@ def test_tied_struct_sigma_is_coupled_like_training() -> None:
 ])
 def test_kv_cache_equals_recompute_in_every_new_mode(overrides) -> None:
     """Growing and static (ring-buffer) KV cache against full recomputation."""
-    model = randomized_model()
     cfg = DiffusionConfig(sample_steps=2, **overrides)        # default window: the training window
-    inputs = sample_inputs(9)
-    ref = ARSampler(model, cfg, use_cache=False, training_window=3).sample(inputs)
-    for static in (False, True):
-        a = ARSampler(model, cfg, use_cache=True, static=static, training_window=3).sample(inputs)
-        assert (a[0] - ref[0]).abs().max() < TOL and (a[1] - ref[1]).abs().max() < TOL, static
+    _assert_caches_equal_recompute(randomized_model(), cfg, sample_inputs(9), training_window=3)
 
 
 def test_kv_cache_equals_recompute_block_size_2_default_window() -> None:
-    model = randomized_model(causal_block_size=2)
     cfg = DiffusionConfig(sample_steps=2, chunk_blocks=2, ar_step=1)
-    inputs = sample_inputs(11)
-    ref = ARSampler(model, cfg, use_cache=False, training_window=5).sample(inputs)
+    _assert_caches_equal_recompute(randomized_model(causal_block_size=2), cfg, sample_inputs(11), training_window=5)
+
+
+def _assert_caches_equal_recompute(model, cfg: DiffusionConfig, inputs, training_window: int) -> None:
+    """Growing and static (ring-buffer) KV cache against full recomputation, video and motion."""
+    ref = ARSampler(model, cfg, use_cache=False, training_window=training_window).sample(inputs)
     for static in (False, True):
-        a = ARSampler(model, cfg, use_cache=True, static=static, training_window=5).sample(inputs)
+        a = ARSampler(model, cfg, use_cache=True, static=static, training_window=training_window).sample(inputs)
         assert (a[0] - ref[0]).abs().max() < TOL and (a[1] - ref[1]).abs().max() < TOL, static
 
 
